@@ -1,0 +1,60 @@
+# Two commands on a fresh machine:  `make generate` (the main job) and `make test`.
+# Without hub access, `make generate-synthetic` runs the same path on a random-weight checkpoint.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+# Tests and local runs use this torch instead of requirements.txt's (the Cog image's) pin.
+TORCH ?= torch==2.13.0
+PORT ?= 5000
+LCM_WEIGHTS_DIR ?= weights
+PROMPT ?= Self-portrait oil painting, a beautiful cyborg with golden hair, 8k
+OUT ?= out
+SYNTHETIC_DIR ?= weights/synthetic
+export LCM_WEIGHTS_DIR
+
+.PHONY: venv test lint generate generate-synthetic weights synthetic schema serve clean
+
+venv: $(VENV)/.installed
+
+$(VENV)/.installed: requirements.txt requirements-dev.txt
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q "$(TORCH)"
+	$(PY) -m pip install -q -r <(grep -v '^torch==' requirements.txt) -r requirements-dev.txt
+	touch $@
+
+lint: venv
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+
+test: lint
+	$(PY) -m pytest -q
+
+# Fill the weights directory from the hub if it is incomplete.
+weights: venv
+	@$(PY) -c "from lcm.weights import check_weights; check_weights('$(LCM_WEIGHTS_DIR)')" 2>/dev/null \
+	  || $(PY) scripts/download-weights --dir "$(LCM_WEIGHTS_DIR)" \
+	  || { echo; echo "Could not get the real weights. The same path on a random-weight checkpoint:"; \
+	       echo "  make generate-synthetic"; exit 1; }
+
+# A full-size random-weight checkpoint in SYNTHETIC_DIR (the real architecture; its images are noise).
+synthetic: venv
+	@$(PY) -c "from lcm.weights import check_weights; check_weights('$(SYNTHETIC_DIR)')" 2>/dev/null \
+	  || $(PY) -m lcm.synthetic "$(SYNTHETIC_DIR)" --size full
+
+generate: weights
+	$(PY) -m lcm generate "$(PROMPT)" --out "$(OUT)" --weights "$(LCM_WEIGHTS_DIR)"
+
+generate-synthetic: synthetic
+	$(PY) -m lcm generate "$(PROMPT)" --out "$(OUT)" --weights "$(SYNTHETIC_DIR)"
+
+schema: venv
+	$(PY) scripts/openapi-schema
+
+serve: schema
+	PATH="$(abspath $(VENV))/bin:$$PATH" PORT=$(PORT) COG_PREDICT_TYPE_STUB=predict.py:Predictor \
+	  $(PY) -m cog.server.http --host 127.0.0.1
+
+clean:
+	rm -rf $(VENV) .cog .pytest_cache .ruff_cache

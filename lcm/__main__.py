@@ -1,0 +1,7 @@
+"""`python -m lcm`: see lcm.cli."""
+
+import sys
+
+from lcm.cli import main
+
+sys.exit(main())

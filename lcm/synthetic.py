@@ -1,0 +1,281 @@
+"""Synthetic LCM Dreamshaper v7 checkpoints: the real layout and configs, random weights.
+
+Tests, benchmarks and CI need a checkpoint that loads through exactly the code path of the real
+download (``LatentConsistencyModelPipeline.from_pretrained(..., use_safetensors=True)``) without
+fetching it. ``full`` has the real architecture and tokenizer, so it costs what the real model
+costs; ``tiny`` keeps the layout, classes and scheduler but shrinks every network so it builds
+and runs in about a second. Images from either are noise.
+
+    python -m lcm.synthetic OUT_DIR --size tiny|full [--seed N]
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import gc
+import json
+import shutil
+import tempfile
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import torch
+from diffusers import AutoencoderKL, UNet2DConditionModel
+from diffusers.pipelines.stable_diffusion.safety_checker import StableDiffusionSafetyChecker
+from transformers import CLIPConfig, CLIPTextConfig, CLIPTextModel
+from transformers.convert_slow_tokenizer import bytes_to_unicode
+
+VENDORED_DIR = Path(__file__).resolve().parent / "configs" / "lcm-dreamshaper-v7"
+SIZES = ("tiny", "full")
+MARKER_NAME = "synthetic.json"
+
+# The weight-bearing components and the file each one's weights are saved to: fp16 for full
+# (the size of the real download), fp32 for tiny.
+WEIGHT_FILES = {
+    "unet": "unet/diffusion_pytorch_model.safetensors",
+    "vae": "vae/diffusion_pytorch_model.safetensors",
+    "text_encoder": "text_encoder/model.safetensors",
+    "safety_checker": "safety_checker/model.safetensors",
+}
+
+# Tiny = the real config with these keys replaced, so everything not named here (activations,
+# time embedding, VAE scaling factor, legacy token ids, ...) stays as in the real model.
+_TINY_OVERRIDES: dict[str, dict[str, Any]] = {
+    "unet": {
+        "block_out_channels": [32, 64],
+        "down_block_types": ["CrossAttnDownBlock2D", "DownBlock2D"],
+        "up_block_types": ["UpBlock2D", "CrossAttnUpBlock2D"],
+        "layers_per_block": 1,
+        "cross_attention_dim": 32,
+        "sample_size": 32,
+    },
+    "vae": {
+        "block_out_channels": [32, 32, 32, 32],
+        "layers_per_block": 1,
+        "sample_size": 64,
+    },
+    "text_encoder": {
+        "hidden_size": 32,
+        "intermediate_size": 37,
+        "num_hidden_layers": 4,
+        "num_attention_heads": 4,
+        "projection_dim": 32,
+    },
+    "safety_checker": {
+        "projection_dim": 32,
+        "text_config": {
+            "hidden_size": 32,
+            "intermediate_size": 37,
+            "num_attention_heads": 4,
+            "num_hidden_layers": 2,
+        },
+        "vision_config": {
+            "hidden_size": 32,
+            "intermediate_size": 37,
+            "num_attention_heads": 4,
+            "num_hidden_layers": 2,
+            "patch_size": 32,
+        },
+    },
+}
+# Words the tiny tokenizer merges into single tokens; everything else falls back to byte tokens.
+_TINY_WORDS = ("a", "photo", "of", "cat", "dog", "the", "astronaut", "riding", "horse", "painting")
+_BOS, _EOS = "<|startoftext|>", "<|endoftext|>"
+_TINY_TOKENIZER_FILES = ("vocab.json", "merges.txt", "tokenizer_config.json")
+
+
+def vendored_files() -> list[str]:
+    """Every config and tokenizer file of the real checkpoint, as paths relative to its root."""
+    return sorted(
+        p.relative_to(VENDORED_DIR).as_posix()
+        for p in VENDORED_DIR.rglob("*")
+        if p.is_file() and p.name != "PROVENANCE.md"
+    )
+
+
+def checkpoint_files() -> list[str]:
+    """The exact file set of a synthetic checkpoint: the real download's files plus the marker."""
+    return sorted([*vendored_files(), *WEIGHT_FILES.values(), MARKER_NAME])
+
+
+def model_config(component: str, size: str) -> dict[str, Any]:
+    """The config a component is built from: the vendored one, shrunk for ``tiny``."""
+    config = json.loads((VENDORED_DIR / component / "config.json").read_text())
+    if size == "tiny":
+        for key, value in _TINY_OVERRIDES[component].items():
+            if isinstance(value, dict):
+                config[key] = {**config.get(key, {}), **value}
+            else:
+                config[key] = copy.deepcopy(value)
+        if component == "text_encoder":
+            config["vocab_size"] = len(_tiny_vocab()[0])
+    return config
+
+
+def build_model(component: str, size: str) -> torch.nn.Module:
+    """One weight-bearing component with its library's default init, on torch's current device.
+
+    Callers seed and place it; tests build the full-size ones on the ``meta`` device.
+    """
+    config = model_config(component, size)
+    if component == "unet":
+        return UNet2DConditionModel.from_config(config)
+    if component == "vae":
+        return AutoencoderKL.from_config(config)
+    if component == "text_encoder":
+        return CLIPTextModel(CLIPTextConfig.from_dict(config))
+    if component == "safety_checker":
+        return StableDiffusionSafetyChecker(CLIPConfig.from_dict(config))
+    raise ValueError(f"component={component!r} is not one of {sorted(WEIGHT_FILES)}")
+
+
+def build_checkpoint(out_dir: str | Path, size: str = "tiny", seed: int = 0) -> Path:
+    """Write a synthetic checkpoint to ``out_dir`` (which must not exist or be empty) and return it.
+
+    It is built in a temporary folder beside ``out_dir`` and renamed into place at the end, so a
+    half-written checkpoint never looks complete. The same size and seed give byte-identical files.
+    """
+    if size not in SIZES:
+        raise ValueError(f"size={size!r} is not allowed: choose one of {', '.join(SIZES)}")
+    out = Path(out_dir)
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise FileExistsError(
+            f"{out} already exists and is not an empty folder; remove it or pick another path"
+        )
+    out.parent.mkdir(parents=True, exist_ok=True)
+    work = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".partial", dir=out.parent))
+    try:
+        work.chmod(0o755)
+        _write_checkpoint(work, size, seed)
+        if out.exists():
+            out.rmdir()
+        work.rename(out)
+    except BaseException:
+        shutil.rmtree(work, ignore_errors=True)
+        raise
+    return out
+
+
+def _write_checkpoint(root: Path, size: str, seed: int) -> None:
+    for component in WEIGHT_FILES:
+        with _seeded(seed):
+            model = build_model(component, size)
+        if size == "full":
+            model.half()
+        model.save_pretrained(root / component)
+        del model
+        gc.collect()
+
+    # full: every config and tokenizer file is the real one, copied over whatever save_pretrained
+    # wrote. tiny: the model configs are the shrunk ones just saved and the tokenizer is hand-made;
+    # model_index, scheduler, feature extractor and special_tokens_map are the real files.
+    own: set[str] = set()
+    if size == "tiny":
+        _write_tiny_tokenizer(root / "tokenizer")
+        own = {f"{c}/config.json" for c in WEIGHT_FILES} | {f"tokenizer/{n}" for n in _TINY_TOKENIZER_FILES}
+    for name in vendored_files():
+        if name not in own:
+            (root / name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(VENDORED_DIR / name, root / name)
+    (root / MARKER_NAME).write_text(
+        json.dumps({"size": size, "seed": seed, "synthetic": True}, indent=2) + "\n"
+    )
+    _match_file_set(root)
+
+
+def _match_file_set(root: Path) -> None:
+    """Make the file set and modes those of the real download; fail if a file is missing.
+
+    An extra file is not harmless: a tokenizer.json, for one, makes CLIPTokenizer ignore
+    vocab.json and merges.txt.
+    """
+    expected = set(checkpoint_files())
+    for path in sorted(root.rglob("*"), reverse=True):
+        name = path.relative_to(root).as_posix()
+        if path.is_file() and name not in expected:
+            path.unlink()
+        elif path.is_dir() and not any(path.iterdir()):
+            path.rmdir()
+    missing = sorted(f for f in expected if not (root / f).is_file())
+    if missing:
+        raise RuntimeError(f"synthetic checkpoint is missing {', '.join(missing)}")
+    # save_pretrained writes weights owner-only through a temporary file; a download is world-readable.
+    for path in root.rglob("*"):
+        path.chmod(0o755 if path.is_dir() else 0o644)
+
+
+@contextmanager
+def _seeded(seed: int) -> Iterator[None]:
+    """Seed module init without disturbing the caller's global random state."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        yield
+
+
+def _tiny_vocab() -> tuple[list[str], list[tuple[str, str]]]:
+    """A CLIP-style BPE vocabulary in the real one's order: bytes, bytes + '</w>', merges, specials.
+
+    Keeping <|endoftext|> the highest id matters: the real text config's legacy eos_token_id makes
+    CLIPTextModel pool at the argmax token id.
+    """
+    chars = list(bytes_to_unicode().values())
+    vocab = chars + [c + "</w>" for c in chars]
+    merges: list[tuple[str, str]] = []
+    for word in _TINY_WORDS:
+        parts = [*word[:-1], word[-1] + "</w>"]
+        while len(parts) > 1:
+            pair = (parts[0], parts[1])
+            if pair not in merges:
+                merges.append(pair)
+                vocab.append("".join(pair))
+            parts = ["".join(pair), *parts[2:]]
+    return [*vocab, _BOS, _EOS], merges
+
+
+def _write_tiny_tokenizer(folder: Path) -> None:
+    """vocab.json, merges.txt and tokenizer_config.json in the real files' format, loadable offline."""
+    vocab, merges = _tiny_vocab()
+    folder.mkdir(parents=True, exist_ok=True)
+    ids = {token: i for i, token in enumerate(vocab)}
+    (folder / "vocab.json").write_text(json.dumps(ids, ensure_ascii=False), encoding="utf-8")
+    merges_text = "#version: 0.2\n" + "".join(f"{a} {b}\n" for a, b in merges)
+    (folder / "merges.txt").write_text(merges_text, encoding="utf-8")
+    config = json.loads((VENDORED_DIR / "tokenizer" / "tokenizer_config.json").read_text())
+    special = config["added_tokens_decoder"]
+    config["added_tokens_decoder"] = {
+        str(ids[entry["content"]]): entry
+        for entry in sorted(special.values(), key=lambda e: ids[e["content"]])
+    }
+    (folder / "tokenizer_config.json").write_text(json.dumps(config, indent=2) + "\n")
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Command line: build one synthetic checkpoint and say where it went."""
+    parser = argparse.ArgumentParser(prog="python -m lcm.synthetic", description=__doc__.split("\n\n")[0])
+    parser.add_argument("out_dir", type=Path, help="folder to create; must not exist or be empty")
+    parser.add_argument(
+        "--size",
+        choices=SIZES,
+        default="tiny",
+        help="tiny (about 1 s, 5 MB, fp32) or full (real shapes, fp16, 2.7 GB)",
+    )
+    parser.add_argument("--seed", type=int, default=0, help="seed for the random weights (default 0)")
+    args = parser.parse_args(argv)
+    start = time.perf_counter()
+    try:
+        out = build_checkpoint(args.out_dir, args.size, args.seed)
+    except FileExistsError as error:
+        parser.exit(1, f"error: {error}\n")
+    size_bytes = sum(p.stat().st_size for p in out.rglob("*") if p.is_file())
+    print(
+        f"wrote {args.size} synthetic checkpoint (seed {args.seed}) to {out}: "
+        f"{size_bytes / 1e6:.1f} MB in {time.perf_counter() - start:.1f} s"
+    )
+
+
+if __name__ == "__main__":
+    main()

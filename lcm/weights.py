@@ -1,0 +1,247 @@
+"""Where the weights live and how they are checked.
+
+The weights directory holds the diffusers layout of SimianLuo/LCM_Dreamshaper_v7 with every weight
+file under its standard (non-variant) name, so loading needs no `variant` argument. Only safetensors
+are ever loaded: pickle files (.bin, .ckpt, .pt, ...) can run code when unpickled.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shlex
+from pathlib import Path
+
+from lcm.errors import WeightsError
+
+DEFAULT_WEIGHTS_DIR = Path(__file__).resolve().parent.parent / "weights"
+WEIGHTS_ENV = "LCM_WEIGHTS_DIR"
+MANIFEST_NAME = "manifest.json"
+
+# Required files per pipeline component, as paths inside the weights directory.
+CONFIG_FILES: dict[str, tuple[str, ...]] = {
+    "pipeline": ("model_index.json",),
+    "scheduler": ("scheduler/scheduler_config.json",),
+    "text_encoder": ("text_encoder/config.json",),
+    "tokenizer": (
+        "tokenizer/vocab.json",
+        "tokenizer/merges.txt",
+        "tokenizer/special_tokens_map.json",
+        "tokenizer/tokenizer_config.json",
+    ),
+    "unet": ("unet/config.json",),
+    "vae": ("vae/config.json",),
+    "safety_checker": ("safety_checker/config.json",),
+    "feature_extractor": ("feature_extractor/preprocessor_config.json",),
+}
+WEIGHT_FILES: dict[str, str] = {
+    "text_encoder": "text_encoder/model.safetensors",
+    "unet": "unet/diffusion_pytorch_model.safetensors",
+    "vae": "vae/diffusion_pytorch_model.safetensors",
+    "safety_checker": "safety_checker/model.safetensors",
+}
+REQUIRED_FILES: tuple[str, ...] = (
+    *(name for names in CONFIG_FILES.values() for name in names),
+    *WEIGHT_FILES.values(),
+)
+PICKLE_SUFFIXES = (".bin", ".ckpt", ".pt", ".pth", ".pkl")
+FP16_VARIANT = "fp16"
+
+
+def weights_dir(path: str | os.PathLike | None = None) -> Path:
+    """The weights directory, absolute: `path`, else $LCM_WEIGHTS_DIR, else weights/ at the project root.
+
+    An empty string counts as unset, so an empty Cog `weights` argument or env var falls through.
+    """
+    return Path(path or os.environ.get(WEIGHTS_ENV) or DEFAULT_WEIGHTS_DIR).expanduser().resolve()
+
+
+def _fill_commands(path: str | os.PathLike | None = None) -> str:
+    """The commands that fill `path`, for error messages: the hub download, else a synthetic checkpoint."""
+    target = weights_dir(path)
+    download = "scripts/download-weights"
+    if target != DEFAULT_WEIGHTS_DIR:
+        download += f" --dir {shlex.quote(str(target))}"
+    return (
+        f"Fill it with the real weights (needs Hugging Face hub access):\n  {download}\n"
+        "or, without hub access, with a synthetic random-weight checkpoint (its images are noise):\n"
+        f"  python -m lcm.synthetic {shlex.quote(str(target))} --size full"
+    )
+
+
+def check_weights(path: str | os.PathLike | None = None) -> Path:
+    """Fail fast, before an expensive load, with a message that says what is missing and how to fill it.
+
+    Cheap: looks at names and sizes only (sizes against manifest.json when there is one).
+    Returns the absolute directory.
+    """
+    target = _check_present(weights_dir(path))
+    manifest = _read_manifest(target)
+    if manifest is not None:
+        changed = [
+            f"  {name}: {(target / name).stat().st_size} bytes, the manifest says {record['size']}"
+            for name, record in manifest["files"].items()
+            if (target / name).is_file() and (target / name).stat().st_size != record["size"]
+        ]
+        if changed:
+            raise WeightsError(
+                f"Weights directory {target} has files whose size differs from {MANIFEST_NAME} "
+                "(truncated or replaced):\n" + "\n".join(changed) + f"\n{_fill_commands(target)}"
+            )
+    return target
+
+
+def _check_present(target: Path) -> Path:
+    """Every required file is there and non-empty, and no weight exists only as a pickle."""
+    if not target.is_dir():
+        raise WeightsError(f"Weights directory {target} does not exist.\n{_fill_commands(target)}")
+    problems = [problem for problem in (_missing_reason(target, name) for name in REQUIRED_FILES) if problem]
+    if problems:
+        listed = "\n".join(f"  {problem}" for problem in problems)
+        raise WeightsError(
+            f"Weights directory {target} is incomplete, missing {len(problems)} of the "
+            f"{len(REQUIRED_FILES)} required files:\n{listed}\n{_fill_commands(target)}"
+        )
+    return target
+
+
+def _missing_reason(target: Path, name: str) -> str | None:
+    """Why a required file does not count as present, or None when it does."""
+    file = target / name
+    if file.is_file() and file.stat().st_size > 0:
+        return None
+    if file.is_file():
+        return f"{name} (empty)"
+    if name in WEIGHT_FILES.values() and file.parent.is_dir():
+        pickles = sorted(p.name for p in file.parent.iterdir() if p.suffix in PICKLE_SUFFIXES)
+        if pickles:
+            found = ", ".join(f"{file.parent.name}/{p}" for p in pickles)
+            return f"{name} (found only {found}: only safetensors are loaded, never pickle files)"
+    return name
+
+
+def select_files(repo_files: list[str]) -> dict[str, str]:
+    """Map a hub repo's files to the local layout: {repo path: local path}, nothing the pipeline skips.
+
+    Configs and tokenizer files keep their path; each weight comes from its fp16 safetensors variant
+    where the repo has one (half the download, and the pipeline casts on load), else the standard one.
+    Pickles, single-file checkpoints, READMEs and images are never selected.
+    """
+    available = set(repo_files)
+    selected: dict[str, str] = {}
+    missing: list[str] = []
+    for name in REQUIRED_FILES:
+        if name not in WEIGHT_FILES.values():
+            if name in available:
+                selected[name] = name
+            else:
+                missing.append(name)
+            continue
+        fp16 = name.removesuffix(".safetensors") + f".{FP16_VARIANT}.safetensors"
+        if fp16 in available:
+            selected[fp16] = name
+        elif name in available:
+            selected[name] = name
+        else:
+            folder = name.rsplit("/", 1)[0] + "/"
+            pickles = [f for f in repo_files if f.startswith(folder) and f.endswith(PICKLE_SUFFIXES)]
+            note = (
+                f"; the repo has only {', '.join(sorted(pickles))}, and pickles are never loaded"
+                if pickles
+                else ""
+            )
+            missing.append(f"{name} (or {fp16}){note}")
+    if missing:
+        raise WeightsError(
+            "The hub repository lacks files the pipeline needs:\n"
+            + "\n".join(f"  {name}" for name in missing)
+            + "\nCheck the repo id and revision: it must hold the diffusers layout of LCM_Dreamshaper_v7."
+        )
+    return selected
+
+
+def _read_manifest(path: str | os.PathLike | None = None) -> dict | None:
+    """The parsed manifest.json of a weights directory, or None when it has none."""
+    manifest = weights_dir(path) / MANIFEST_NAME
+    if not manifest.is_file():
+        return None
+    try:
+        data = json.loads(manifest.read_text())
+        files = data["files"]
+        if not all(
+            isinstance(r.get("size"), int) and isinstance(r.get("sha256"), str) for r in files.values()
+        ):
+            raise ValueError("every file needs an integer size and a sha256 string")
+    except (ValueError, KeyError, TypeError, AttributeError) as exc:
+        raise WeightsError(
+            f"{manifest} is not a valid weights manifest ({exc}). Delete it and run "
+            f"scripts/download-weights again, which rewrites it."
+        ) from exc
+    return data
+
+
+def write_manifest(path: str | os.PathLike | None = None, source: str | None = None) -> Path:
+    """Record each required file's size and sha256, so later checks can catch truncation or corruption.
+
+    `source` says where the files came from ("repo@revision"); download-weights only trusts present
+    files from the same source. Written atomically; returns the manifest's path.
+    """
+    target = _check_present(weights_dir(path))
+    files = {
+        name: {"size": (target / name).stat().st_size, "sha256": _sha256(target / name)}
+        for name in REQUIRED_FILES
+    }
+    manifest = target / MANIFEST_NAME
+    partial = manifest.with_name(MANIFEST_NAME + ".partial")
+    partial.write_text(json.dumps({"source": source, "files": files}, indent=2) + "\n")
+    os.replace(partial, manifest)
+    return manifest
+
+
+def verify_weights(path: str | os.PathLike | None = None) -> Path:
+    """Full integrity check: every required file's sha256 against manifest.json (reads every byte)."""
+    target = check_weights(path)
+    manifest = _read_manifest(target)
+    if manifest is None:
+        raise WeightsError(
+            f"Weights directory {target} has no {MANIFEST_NAME} to verify against. "
+            "scripts/download-weights writes one; for files you trust, call lcm.weights.write_manifest."
+        )
+    bad = []
+    for name in REQUIRED_FILES:
+        record = manifest["files"].get(name)
+        if record is None:
+            bad.append(f"  {name}: not in {MANIFEST_NAME}")
+        elif _sha256(target / name) != record["sha256"]:
+            bad.append(f"  {name}: sha256 differs from {MANIFEST_NAME} (corrupted or replaced)")
+    if bad:
+        raise WeightsError(
+            f"Weights directory {target} fails verification:\n"
+            + "\n".join(bad)
+            + f"\n{_fill_commands(target)}"
+        )
+    return target
+
+
+def files_to_download(path: str | os.PathLike | None, source: str) -> list[str]:
+    """Required files a download from `source` must fetch: all but those the manifest records from it.
+
+    A file counts as present only when the manifest says it came from the same `source` and its size
+    still matches, so a synthetic checkpoint in the same directory is never mistaken for the real one.
+    """
+    target = weights_dir(path)
+    manifest = _read_manifest(target)
+    if manifest is None or manifest.get("source") != source:
+        return list(REQUIRED_FILES)
+    present = {
+        name
+        for name, record in manifest["files"].items()
+        if (target / name).is_file() and (target / name).stat().st_size == record["size"]
+    }
+    return [name for name in REQUIRED_FILES if name not in present]
+
+
+def _sha256(file: Path) -> str:
+    with file.open("rb") as handle:
+        return hashlib.file_digest(handle, "sha256").hexdigest()

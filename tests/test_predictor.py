@@ -1,0 +1,97 @@
+"""predict.py in-process and the command line: the same engine, the same files."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from lcm.cli import main as cli_main
+
+ARGS = dict(
+    prompt="a lighthouse",
+    width=256,
+    height=256,
+    num_images=2,
+    num_inference_steps=2,
+    guidance_scale=8.0,
+    lcm_origin_steps=50,
+    seed=99,
+)
+
+
+@pytest.fixture(scope="module")
+def predictor(tiny_checkpoint, monkeypatch_module):
+    import predict
+
+    monkeypatch_module.setenv("LCM_WEIGHTS_DIR", str(tiny_checkpoint))
+    monkeypatch_module.setenv("LCM_DEVICE", "cpu")
+    p = predict.Predictor()
+    p.setup()
+    return p
+
+
+@pytest.fixture(scope="module")
+def monkeypatch_module():
+    with pytest.MonkeyPatch.context() as mp:
+        yield mp
+
+
+def test_outputs_are_unique_pngs_and_earlier_ones_are_removed(predictor):
+    first = predictor.predict(**ARGS)
+    assert len({p.name for p in first}) == 2
+    assert all(Image.open(p).format == "PNG" for p in first)
+    second = predictor.predict(**{**ARGS, "seed": 5})
+    assert all(not p.exists() for p in first)
+    assert all(p.exists() for p in second)
+
+
+def test_failed_prediction_leaves_no_files(predictor):
+    from lcm.errors import InputError
+
+    kept = predictor.predict(**ARGS)
+    with pytest.raises(InputError):
+        predictor.predict(**{**ARGS, "width": 260})
+    assert all(not p.exists() for p in kept)
+    assert predictor.output_dir is None
+
+
+def test_cli_writes_the_same_pngs_as_predict(predictor, tiny_checkpoint, tmp_path):
+    via_cog = [np.asarray(Image.open(p)) for p in predictor.predict(**ARGS)]
+    status = cli_main(
+        [
+            "generate",
+            ARGS["prompt"],
+            "--out",
+            str(tmp_path),
+            "--width",
+            "256",
+            "--height",
+            "256",
+            "--num-images",
+            "2",
+            "--steps",
+            "2",
+            "--seed",
+            "99",
+            "--weights",
+            str(tiny_checkpoint),
+            "--device",
+            "cpu",
+        ]
+    )
+    assert status == 0
+    files = sorted(tmp_path.glob("*.png"))
+    assert [f.name for f in files] == ["lcm-100.png", "lcm-99.png"]
+    via_cli = [
+        np.asarray(Image.open(tmp_path / "lcm-99.png")),
+        np.asarray(Image.open(tmp_path / "lcm-100.png")),
+    ]
+    assert all(np.array_equal(a, b) for a, b in zip(via_cog, via_cli, strict=True))
+
+
+def test_cli_reports_bad_input_and_missing_weights(tmp_path, capsys):
+    assert cli_main(["generate", "x", "--out", str(tmp_path), "--width", "100"]) == 2
+    assert "width=100" in capsys.readouterr().err
+    assert cli_main(["generate", "x", "--out", str(tmp_path), "--weights", str(tmp_path / "none")]) == 2
+    assert "download-weights" in capsys.readouterr().err
