@@ -1,4 +1,4 @@
-"""Cog adapter: typed inputs in, one call into the lcm engine, PNG files out."""
+"""Cog adapter: typed inputs in, one call into the lcm engine, image files out."""
 
 from __future__ import annotations
 
@@ -13,10 +13,7 @@ from lcm.engine import Engine
 from lcm.params import Request
 
 DEFAULT_PROMPT = "Self-portrait oil painting, a beautiful cyborg with golden hair, 8k"
-MIN_SIZE = 256
-MAX_SIZE = 1024
-MAX_IMAGES = 8
-MAX_STEPS = 50
+OUTPUT_FORMATS = ["png", "webp", "jpg"]
 
 
 class Predictor(BasePredictor):
@@ -29,47 +26,51 @@ class Predictor(BasePredictor):
     def predict(
         self,
         prompt: str = Input(
-            description="Text describing the image. Up to 77 CLIP tokens are used.",
+            description="Text describing the image. Longer than 75 CLIP tokens: encoded in 75-token windows (at most 600 tokens).",
             default=DEFAULT_PROMPT,
         ),
-        width: int = Input(
-            description="Width of the output image in pixels: 256 to 1024, a multiple of 8. Default 768.",
-            default=768,
-            ge=MIN_SIZE,
-            le=MAX_SIZE,
+        image: Optional[Path] = Input(
+            description="Starting image for image-to-image (PNG, JPEG, WebP, GIF, BMP or TIFF, at most 50 megapixels and 50 MB). Empty: text-to-image.",
+            default=None,
         ),
-        height: int = Input(
-            description="Height of the output image in pixels: 256 to 1024, a multiple of 8. Default 768.",
-            default=768,
-            ge=MIN_SIZE,
-            le=MAX_SIZE,
+        prompt_strength: float = Input(
+            description="Image-to-image only: how much of the image is redrawn, 0 to 1 (1: nearly all). Default 0.8. Needs lcm_origin_steps x prompt_strength >= num_inference_steps.",
+            default=0.8,
+            ge=0.0,
+            le=1.0,
+        ),
+        width: Optional[int] = Input(
+            description="Output width in pixels: 256 to 1024, a multiple of 8. Empty: 768, or with an image, the image's width scaled so its longer side is at most 1024 (see README).",
+            default=None,
+            ge=256,
+            le=1024,
+        ),
+        height: Optional[int] = Input(
+            description="Output height in pixels: 256 to 1024, a multiple of 8. Empty: 768, or with an image, the image's height scaled so its longer side is at most 1024 (see README).",
+            default=None,
+            ge=256,
+            le=1024,
         ),
         num_images: int = Input(
-            description="Number of images to generate: 1 to 8. Image i uses seed + i. Default 1.",
+            description="Number of images: 1 to 8. Image i uses seed + i. Default 1.",
             default=1,
             ge=1,
-            le=MAX_IMAGES,
+            le=8,
         ),
         num_inference_steps: int = Input(
             description="Denoising steps, one UNet pass each: 1 to 50; 2 to 8 recommended. Default 4.",
             default=4,
             ge=1,
-            le=MAX_STEPS,
+            le=50,
         ),
         guidance_scale: float = Input(
-            description=(
-                "Prompt adherence, embedded in the UNet (no negative branch): 1 to 20, default 8.0. "
-                "Diffusers convention: w = guidance_scale - 1 (the original LCM code fed w = guidance_scale)."
-            ),
+            description="Prompt adherence, embedded in the UNet (no negative branch): 1 to 20, default 8.0. Diffusers convention: w = guidance_scale - 1 (the original LCM code fed w = guidance_scale).",
             default=8.0,
             ge=1.0,
             le=20.0,
         ),
         lcm_origin_steps: int = Input(
-            description=(
-                "Length of the original (teacher) schedule the LCM timesteps are drawn from: "
-                "1 to 1000, at least num_inference_steps. Default 50, as the model was distilled."
-            ),
+            description="Length of the original (teacher) schedule the LCM timesteps are drawn from: 1 to 1000, at least num_inference_steps. Default 50, as the model was distilled.",
             default=50,
             ge=1,
             le=1000,
@@ -80,8 +81,29 @@ class Predictor(BasePredictor):
             ge=0,
             le=4294967295,
         ),
+        clip_skip: int = Input(
+            description="Text-encoder layers to skip from the end: 0 (use the last layer) to 11. Default 0.",
+            default=0,
+            ge=0,
+            le=11,
+        ),
+        output_format: str = Input(
+            description="File format: png (lossless), webp or jpg. Default png.",
+            default="png",
+            choices=OUTPUT_FORMATS,
+        ),
+        output_quality: int = Input(
+            description="Quality for webp and jpg, 1 to 100 (higher: larger, finer). Default 90. No effect on png, which is lossless.",
+            default=90,
+            ge=1,
+            le=100,
+        ),
+        disable_safety_checker: bool = Input(
+            description="Skip the safety checker. Default false: images it flags are left out of the output, and the prediction fails if it flags them all.",
+            default=False,
+        ),
     ) -> List[Path]:
-        """Generate images and return them as PNG files."""
+        """Generate images and return them as files, each carrying its generation parameters."""
         self._remove_previous_outputs()
         self.output_dir = tempfile.mkdtemp(prefix="lcm-")
         try:
@@ -94,6 +116,12 @@ class Predictor(BasePredictor):
                 guidance_scale=guidance_scale,
                 lcm_origin_steps=lcm_origin_steps,
                 seed=seed,
+                image=image,
+                prompt_strength=prompt_strength,
+                clip_skip=clip_skip,
+                output_format=output_format,
+                output_quality=output_quality,
+                safety_checker=not disable_safety_checker,
             )
             paths = self.engine.generate_files(request, self.output_dir)
         except BaseException:  # failed or cancelled: leave no partial files behind

@@ -65,6 +65,8 @@ def encode_prompt(
         hidden = text_encoder(input_ids)[0]
     else:
         states = text_encoder(input_ids, output_hidden_states=True).hidden_states
-        hidden = text_encoder.text_model.final_layer_norm(states[-(clip_skip + 1)])
+        # transformers 5 flattened CLIPTextModel (no .text_model); diffusers 0.42's own clip_skip breaks on it
+        final_norm = getattr(text_encoder, "text_model", text_encoder).final_layer_norm
+        hidden = final_norm(states[-(clip_skip + 1)])
     embeds = hidden.to(text_encoder.dtype).reshape(1, -1, hidden.shape[-1])
     return PromptEmbedding(embeds=embeds, num_tokens=num_tokens, windows=len(windows))

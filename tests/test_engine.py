@@ -139,8 +139,27 @@ def test_missing_seed_is_drawn_from_32_bits():
     assert request(seed=0).seed == 0
 
 
-def test_predict_py_limits_match_the_engine():
+def test_predict_py_bounds_are_the_engine_limits():
+    """predict.py repeats the limits as literals for cog build's static parser: keep them equal."""
+    import inspect
+
     import predict
 
-    for name in ("MIN_SIZE", "MAX_SIZE", "MAX_IMAGES", "MAX_STEPS"):
-        assert getattr(predict, name) == getattr(params, name), name
+    inputs = inspect.signature(predict.Predictor.predict).parameters
+    expected = {
+        "width": (params.MIN_SIZE, params.MAX_SIZE),
+        "height": (params.MIN_SIZE, params.MAX_SIZE),
+        "num_images": (1, params.MAX_IMAGES),
+        "num_inference_steps": (1, params.MAX_STEPS),
+        "guidance_scale": (params.MIN_GUIDANCE, params.MAX_GUIDANCE),
+        "lcm_origin_steps": (1, params.MAX_ORIGIN_STEPS),
+        "seed": (0, params.MAX_SEED),
+        "prompt_strength": (0, 1),
+        "clip_skip": (0, params.MAX_CLIP_SKIP),
+        "output_quality": (1, 100),
+    }
+    for name, bounds in expected.items():
+        field = inputs[name].default
+        assert (field.ge, field.le) == bounds, name
+    assert inputs["output_format"].default.choices == list(params.OUTPUT_FORMATS)
+    assert inputs["prompt_strength"].default.default == params.DEFAULT_STRENGTH

@@ -9,6 +9,12 @@ from PIL import Image
 from lcm.cli import main as cli_main
 
 ARGS = dict(
+    image=None,
+    prompt_strength=0.8,
+    clip_skip=0,
+    output_format="png",
+    output_quality=90,
+    disable_safety_checker=False,
     prompt="a lighthouse",
     width=256,
     height=256,

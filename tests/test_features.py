@@ -1,0 +1,257 @@
+"""Image to image, long prompts, clip skip, safety policy and reproducible files, on the tiny checkpoint."""
+
+from __future__ import annotations
+
+import logging
+
+import numpy as np
+import pytest
+import torch
+from diffusers import LatentConsistencyModelImg2ImgPipeline
+from PIL import Image
+
+from lcm import prompts
+from lcm.cli import main as cli_main
+from lcm.errors import InputError, LCMError
+from lcm.metadata import read_metadata
+from lcm.params import Request
+
+
+def max_diff(a: np.ndarray, b: np.ndarray) -> int:
+    return int(np.abs(a.astype(np.int16) - b.astype(np.int16)).max())
+
+
+def to_uint8(images: np.ndarray) -> np.ndarray:
+    return (images * 255).round().astype(np.uint8)
+
+
+@pytest.fixture(scope="module")
+def photo(tmp_path_factory) -> str:
+    """A smooth, photo-like 320x256 RGB image."""
+    y, x = np.mgrid[0:256, 0:320]
+    pixels = np.stack([x * 255 / 319, y * 255 / 255, (x + y) * 255 / 575], axis=-1)
+    path = tmp_path_factory.mktemp("inputs") / "photo.png"
+    Image.fromarray(pixels.astype(np.uint8)).save(path)
+    return str(path)
+
+
+def request(**kw) -> Request:
+    return Request.build(**{"prompt": "a photo of a cat", "width": 256, "height": 256, "seed": 5, **kw})
+
+
+# --- image to image -------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("strength,steps", [(0.8, 4), (0.5, 2), (1.0, 3)])
+def test_img2img_equals_diffusers_img2img_pipeline(engine, tiny_checkpoint, photo, strength, steps):
+    req = Request.build("a cat", image=photo, prompt_strength=strength, num_inference_steps=steps, seed=3)
+    assert (req.width, req.height) == (320, 256)
+    ref_pipe = LatentConsistencyModelImg2ImgPipeline.from_pretrained(
+        tiny_checkpoint, local_files_only=True, use_safetensors=True, dtype=torch.float32
+    )
+    ref_pipe.set_progress_bar_config(disable=True)
+    ref = ref_pipe(
+        "a cat",
+        image=req.image,
+        strength=strength,
+        num_inference_steps=steps,
+        original_inference_steps=50,
+        guidance_scale=8.0,
+        generator=torch.Generator("cpu").manual_seed(3),
+        output_type="np",
+    ).images[0]
+    ours = engine.generate(
+        Request.build(
+            "a cat",
+            image=photo,
+            prompt_strength=strength,
+            num_inference_steps=steps,
+            seed=3,
+            safety_checker=False,
+        )
+    ).pixels[0]
+    assert max_diff(ours, to_uint8(ref)) <= 1
+
+
+def test_img2img_batch_item_equals_alone_and_uses_the_image(engine, photo):
+    batch = engine.generate(Request.build("a cat", image=photo, num_images=2, seed=10)).pixels
+    alone = engine.generate(Request.build("a cat", image=photo, seed=11)).pixels[0]
+    assert max_diff(batch[1], alone) <= 1
+    txt = engine.generate(Request.build("a cat", width=320, height=256, seed=11)).pixels[0]
+    low = engine.generate(Request.build("a cat", image=photo, seed=11, prompt_strength=0.2)).pixels[0]
+    assert max_diff(low, txt) > 10 and max_diff(low, alone) > 0
+
+
+def test_prompt_strength_rules(photo):
+    with pytest.raises(InputError, match="prompt_strength=0.5 is not allowed: only with an image"):
+        Request.build("x", prompt_strength=0.5)
+    with pytest.raises(InputError, match=r"prompt_strength=0.05 .* at least 0.08"):
+        Request.build("x", image=photo, prompt_strength=0.05)
+    assert Request.build("x", image=photo, prompt_strength=0.08).prompt_strength == 0.08
+
+
+# --- prompts --------------------------------------------------------------------------------------------
+
+
+def test_short_prompt_ids_are_diffusers_ids(engine):
+    tok = engine.pipe.tokenizer
+    windows, count = prompts.token_windows(tok, "a photo of a cat")
+    ref = tok("a photo of a cat", padding="max_length", max_length=77, truncation=True).input_ids
+    assert windows == [ref]
+    assert count == len(tok("a photo of a cat", add_special_tokens=False).input_ids)
+
+
+def test_words_past_77_tokens_change_the_image(engine):
+    base = "a cat " * 40  # the tiny tokenizer spells most words letter by letter: well past 77 tokens
+    assert prompts.token_windows(engine.pipe.tokenizer, base)[1] > 77
+    a = engine.generate(request(prompt=base + "on a red sofa")).pixels
+    b = engine.generate(request(prompt=base + "in deep blue sea")).pixels
+    assert not np.array_equal(a, b)
+
+
+def test_too_long_prompt_is_refused_with_counts(engine):
+    with pytest.raises(InputError, match=r"prompt=.* at most 600 CLIP tokens .* this prompt has \d+"):
+        engine.generate(request(prompt="word " * 1000))
+
+
+@pytest.mark.parametrize("clip_skip", [1, 2])
+def test_clip_skip_uses_the_output_of_layer_L_minus_k(engine, clip_skip):
+    """Reference: the same text encoder cut to L - k layers, fed to diffusers' pipeline as prompt_embeds.
+
+    (diffusers 0.42's own clip_skip path fails with transformers 5, whose CLIPTextModel has no .text_model.)
+    """
+    encoder = engine.pipe.text_encoder
+    config = encoder.config.__class__.from_dict(
+        {**encoder.config.to_dict(), "num_hidden_layers": encoder.config.num_hidden_layers - clip_skip}
+    )
+    cut = encoder.__class__(config).eval()
+    missing, _ = cut.load_state_dict(encoder.state_dict(), strict=False)
+    assert missing == []
+    ids = engine.pipe.tokenizer("a photo of a cat", padding="max_length", max_length=77, return_tensors="pt")
+    with torch.no_grad():
+        embeds = cut(ids.input_ids)[0]
+    ref = engine.pipe.__class__(**engine.pipe.components)
+    ref.set_progress_bar_config(disable=True)
+    out = ref(
+        prompt_embeds=embeds,
+        height=256,
+        width=256,
+        num_inference_steps=2,
+        guidance_scale=8.0,
+        generator=torch.Generator("cpu").manual_seed(5),
+        output_type="np",
+    ).images[0]
+    ours = engine.generate(request(num_inference_steps=2, clip_skip=clip_skip, safety_checker=False)).pixels[
+        0
+    ]
+    assert max_diff(ours, to_uint8(out)) <= 1
+    assert not np.array_equal(ours, engine.generate(request(num_inference_steps=2)).pixels[0])
+
+
+def test_clip_skip_is_bounded_by_the_loaded_text_encoder(engine):
+    layers = engine.pipe.text_encoder.config.num_hidden_layers
+    with pytest.raises(
+        InputError, match=f"clip_skip={layers} is not allowed: an integer from 0 to {layers - 1}"
+    ):
+        engine.generate(request(clip_skip=layers))
+
+
+# --- safety checker -------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def flag_everything(engine):
+    """Force the tiny checkpoint's checker to flag every image: thresholds below any cosine similarity."""
+    weights = engine.pipe.safety_checker.concept_embeds_weights
+    saved = weights.detach().clone()
+    weights.data.fill_(-1.5)
+    yield
+    weights.data.copy_(saved)
+
+
+def test_checker_verdicts_follow_its_thresholds(engine, flag_everything):
+    assert engine.generate(request(num_images=2)).nsfw == [True, True]
+
+
+def test_all_flagged_fails_with_advice(engine, flag_everything, tmp_path):
+    with pytest.raises(LCMError, match=r"flagged all 2 image\(s\) .* try another seed or prompt"):
+        engine.generate_files(request(num_images=2), tmp_path)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_disabling_the_checker_returns_every_image(engine, flag_everything, tmp_path):
+    paths = engine.generate_files(request(num_images=2, safety_checker=False), tmp_path)
+    assert len(paths) == 2
+
+
+def test_flagged_images_are_left_out_not_blacked(engine, tmp_path, monkeypatch, caplog):
+    monkeypatch.setattr("lcm.safety.flag_nsfw", lambda *a: [True, False, False])
+    with caplog.at_level(logging.INFO, logger="lcm"):
+        paths = engine.generate_files(request(num_images=3), tmp_path)
+    assert [p.name for p in paths] == ["lcm-6.png", "lcm-7.png"]
+    assert all(np.asarray(Image.open(p)).max() > 0 for p in paths)
+    assert "flagged=1" in caplog.text
+
+
+def test_checker_not_run_when_disabled(engine, monkeypatch):
+    monkeypatch.setattr("lcm.safety.flag_nsfw", lambda *a: pytest.fail("checker ran"))
+    assert engine.generate(request(safety_checker=False)).nsfw == [False]
+
+
+# --- files ----------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("fmt,pil_format", [("png", "PNG"), ("webp", "WEBP"), ("jpg", "JPEG")])
+def test_files_carry_their_parameters_and_reproduce_byte_for_byte(
+    engine, tiny_checkpoint, tmp_path, fmt, pil_format
+):
+    req = request(
+        prompt="a lighthouse, 🌊 עברית",
+        output_format=fmt,
+        output_quality=70,
+        num_inference_steps=3,
+        guidance_scale=6.5,
+    )
+    first = engine.generate_files(req, tmp_path / "first")[0]
+    assert Image.open(first).format == pil_format
+    meta = read_metadata(first)
+    assert meta["seed"] == 5 and meta["prompt"] == req.prompt and meta["num_inference_steps"] == 3
+    assert meta["guidance_scale"] == 6.5 and meta["lcm_origin_steps"] == 50 and meta["output_quality"] == 70
+    assert (
+        cli_main(
+            [
+                "reproduce",
+                str(first),
+                "--out",
+                str(tmp_path / "again"),
+                "--weights",
+                str(tiny_checkpoint),
+                "--device",
+                "cpu",
+            ]
+        )
+        == 0
+    )
+    assert (tmp_path / "again" / first.name).read_bytes() == first.read_bytes()
+
+
+def test_batch_file_reproduces_within_the_batch_tolerance(engine, tiny_checkpoint, tmp_path):
+    second = engine.generate_files(request(num_images=2), tmp_path / "first")[1]
+    assert read_metadata(second)["seed"] == 6
+    assert (
+        cli_main(
+            ["reproduce", str(second), "--out", str(tmp_path / "again"), "--weights", str(tiny_checkpoint)]
+        )
+        == 0
+    )
+    again = np.asarray(Image.open(tmp_path / "again" / second.name))
+    assert max_diff(again, np.asarray(Image.open(second))) <= 1
+
+
+def test_img2img_file_reproduces_only_with_its_input_image(engine, tiny_checkpoint, tmp_path, photo):
+    first = engine.generate_files(Request.build("a cat", image=photo, seed=8), tmp_path / "first")[0]
+    assert read_metadata(first)["image_sha256"]
+    args = ["reproduce", str(first), "--out", str(tmp_path / "again"), "--weights", str(tiny_checkpoint)]
+    assert cli_main(args) == 2
+    assert cli_main([*args, "--image", photo]) == 0
+    assert (tmp_path / "again" / first.name).read_bytes() == first.read_bytes()
