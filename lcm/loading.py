@@ -1,22 +1,54 @@
 """Load the saved pipeline from local weights and place it on a device.
 
-Only local safetensors are read: no hub, no pickle, no remote code.
+Only local safetensors are read: no hub, no pickle, no remote code. Components are loaded one by
+one, each from a fixed class, so a broken file fails setup with a message that names it instead of
+a library traceback; a config that does not fit its weights fails rather than leaving layers at
+random init.
 """
 
 from __future__ import annotations
 
+import json
 import os
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
 
+from pathlib import Path  # noqa: E402
+from typing import Any, Optional  # noqa: E402
+
 import torch  # noqa: E402
-from diffusers import LatentConsistencyModelPipeline  # noqa: E402
+from diffusers import (  # noqa: E402
+    AutoencoderKL,
+    AutoencoderTiny,
+    LatentConsistencyModelPipeline,
+    LCMScheduler,
+    UNet2DConditionModel,
+)
+from diffusers.pipelines.stable_diffusion.safety_checker import StableDiffusionSafetyChecker  # noqa: E402
+from safetensors import SafetensorError, safe_open  # noqa: E402
+from transformers import CLIPImageProcessor, CLIPTextModel, CLIPTokenizer  # noqa: E402
 
 from lcm.errors import LCMError, WeightsError  # noqa: E402
-from lcm.weights import check_weights  # noqa: E402
+from lcm.weights import CONFIG_FILES, WEIGHT_FILES, check_weights, fill_commands  # noqa: E402
 
 DEVICE_ENV = "LCM_DEVICE"
+INDEX_NAME = "model_index.json"
+
+# The only classes a component may be, keyed as model_index.json names them: the index chooses
+# among these and never makes us import anything else.
+COMPONENT_CLASSES: dict[str, tuple[str, str, type]] = {
+    "unet": ("diffusers", "UNet2DConditionModel", UNet2DConditionModel),
+    "vae": ("diffusers", "AutoencoderKL", AutoencoderKL),
+    "text_encoder": ("transformers", "CLIPTextModel", CLIPTextModel),
+    "safety_checker": ("stable_diffusion", "StableDiffusionSafetyChecker", StableDiffusionSafetyChecker),
+    "tokenizer": ("transformers", "CLIPTokenizer", CLIPTokenizer),
+    "feature_extractor": ("transformers", "CLIPImageProcessor", CLIPImageProcessor),
+    "scheduler": ("diffusers", "LCMScheduler", LCMScheduler),
+}
+TAESD_DIR = "taesd"
+TAESD_FILES = ("taesd/config.json", "taesd/diffusion_pytorch_model.safetensors")
+SHOWN_KEYS = 2  # weight names quoted per problem in an error message
 
 
 def pick_device(requested: str | None = None) -> torch.device:
@@ -36,14 +68,127 @@ def default_dtype(device: torch.device) -> torch.dtype:
     return torch.float16 if device.type == "cuda" else torch.float32
 
 
-def load_pipeline(weights_dir: str | os.PathLike, device: torch.device, dtype: torch.dtype):
-    """The diffusers pipeline from a checked local directory, on `device` in `dtype`, in eval mode."""
+def load_pipeline(
+    weights_dir: str | os.PathLike, device: torch.device, dtype: torch.dtype
+) -> LatentConsistencyModelPipeline:
+    """The diffusers pipeline from a checked local directory, on `device` in `dtype`, in eval mode.
+
+    Cheap checks first (file names and sizes, model_index.json, every safetensors header), so a
+    broken download fails in milliseconds, before any weight is read.
+    """
     path = check_weights(weights_dir)
-    try:
-        pipe = LatentConsistencyModelPipeline.from_pretrained(
-            path, local_files_only=True, use_safetensors=True, dtype=dtype
-        )
-    except (OSError, ValueError, RuntimeError, KeyError) as exc:
-        raise WeightsError(f"could not load the pipeline from {path}: {exc}") from exc
+    index = _read_index(path)
+    for name in WEIGHT_FILES:
+        check_safetensors(path, WEIGHT_FILES[name])
+    components = {
+        name: _load_component(path, name, cls, CONFIG_FILES[name], WEIGHT_FILES.get(name), dtype)
+        for name, (_, _, cls) in COMPONENT_CLASSES.items()
+    }
+    pipe = LatentConsistencyModelPipeline(
+        **components, requires_safety_checker=bool(index.get("requires_safety_checker", True))
+    )
+    pipe.register_to_config(_name_or_path=str(path))
     pipe.set_progress_bar_config(disable=True)
     return pipe.to(device)
+
+
+def load_tiny_decoder(
+    weights_dir: str | os.PathLike, device: torch.device, dtype: torch.dtype
+) -> Optional[AutoencoderTiny]:
+    """fast_decode's TAESD decoder when the weights directory has a taesd/ folder, else None.
+
+    Optional, so its absence only disables fast_decode; but a taesd/ folder that is there must load.
+    """
+    root = Path(weights_dir)
+    if not (root / TAESD_DIR).is_dir():
+        return None
+    missing = [name for name in TAESD_FILES if not (root / name).is_file()]
+    if missing:
+        raise WeightsError(
+            f"{root / TAESD_DIR} is incomplete, missing {', '.join(missing)}: remove the folder to run "
+            f"without fast_decode, or fill it\n{fill_commands(root)}"
+        )
+    check_safetensors(root, TAESD_FILES[1])
+    decoder = _load_component(root, TAESD_DIR, AutoencoderTiny, TAESD_FILES[:1], TAESD_FILES[1], dtype)
+    return decoder.to(device)
+
+
+def check_safetensors(root: Path, name: str) -> None:
+    """Open one safetensors file's header: a truncated or foreign file fails here, named."""
+    try:
+        with safe_open(root / name, framework="pt") as handle:
+            handle.keys()
+    except (SafetensorError, OSError) as exc:
+        raise WeightsError(f"{name} in {root} is truncated or corrupt: {exc}\n{fill_commands(root)}") from exc
+
+
+def _read_index(root: Path) -> dict[str, Any]:
+    """model_index.json, checked to name for each component the class this service loads."""
+    try:
+        index = json.loads((root / INDEX_NAME).read_text())
+        if not isinstance(index, dict):
+            raise ValueError("it is not a JSON object")
+    except (OSError, ValueError) as exc:
+        raise WeightsError(f"{INDEX_NAME} in {root} is not readable: {exc}\n{fill_commands(root)}") from exc
+    wrong = [
+        f"  {name}: {index.get(name)!r}, expected {[library, class_name]!r}"
+        for name, (library, class_name, _) in COMPONENT_CLASSES.items()
+        if index.get(name) != [library, class_name]
+    ]
+    if wrong:
+        raise WeightsError(
+            f"{INDEX_NAME} in {root} does not describe LCM Dreamshaper v7's components:\n"
+            + "\n".join(wrong)
+            + f"\n{fill_commands(root)}"
+        )
+    return index
+
+
+def _load_component(
+    root: Path, name: str, cls: type, configs: tuple[str, ...], weights: Optional[str], dtype: torch.dtype
+) -> Any:
+    """One component from its subfolder, strictly: every weight its config needs, in the right shape."""
+    files = ", ".join((*configs, *([weights] if weights else [])))
+    kwargs: dict[str, Any] = {"subfolder": name, "local_files_only": True}
+    if weights:
+        # Mismatches are collected rather than raised, so the message can name the files and shapes.
+        kwargs.update(
+            use_safetensors=True, dtype=dtype, output_loading_info=True, ignore_mismatched_sizes=True
+        )
+    try:
+        loaded = cls.from_pretrained(root, **kwargs)
+    except MemoryError:
+        raise
+    except Exception as exc:  # tokenizers raises bare Exception; any failure here is a file problem
+        first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise WeightsError(
+            f"{name} does not load from {files} in {root}: {first_line}\n{fill_commands(root)}"
+        ) from exc
+    if not weights:
+        return loaded
+    model, info = loaded
+    problems = _load_problems(info)
+    if problems:
+        raise WeightsError(
+            f"{configs[0]} does not match {weights} in {root}: "
+            + ". ".join(problems)
+            + f"\n{fill_commands(root)}"
+        )
+    return model
+
+
+def _load_problems(info: dict[str, Any]) -> list[str]:
+    """What left a model partly at random init: weights absent from the file or shaped otherwise."""
+    problems = []
+    missing = sorted(info.get("missing_keys") or ())
+    if missing:
+        shown = ", ".join(missing[:SHOWN_KEYS])
+        problems.append(f"{len(missing)} weight(s) the config needs are not in the file (e.g. {shown})")
+    mismatched = sorted(info.get("mismatched_keys") or (), key=lambda item: item[0])
+    if mismatched:
+        shown = "; ".join(
+            f"{key} is {tuple(found)} in the file, {tuple(wanted)} by the config"
+            for key, found, wanted in mismatched[:SHOWN_KEYS]
+        )
+        problems.append(f"{len(mismatched)} weight(s) have another shape in the file (e.g. {shown})")
+    return problems

@@ -57,7 +57,7 @@ def weights_dir(path: str | os.PathLike | None = None) -> Path:
     return Path(path or os.environ.get(WEIGHTS_ENV) or DEFAULT_WEIGHTS_DIR).expanduser().resolve()
 
 
-def _fill_commands(path: str | os.PathLike | None = None) -> str:
+def fill_commands(path: str | os.PathLike | None = None) -> str:
     """The commands that fill `path`, for error messages: the hub download, else a synthetic checkpoint."""
     target = weights_dir(path)
     download = "scripts/download-weights"
@@ -87,7 +87,7 @@ def check_weights(path: str | os.PathLike | None = None) -> Path:
         if changed:
             raise WeightsError(
                 f"Weights directory {target} has files whose size differs from {MANIFEST_NAME} "
-                "(truncated or replaced):\n" + "\n".join(changed) + f"\n{_fill_commands(target)}"
+                "(truncated or replaced):\n" + "\n".join(changed) + f"\n{fill_commands(target)}"
             )
     return target
 
@@ -95,13 +95,13 @@ def check_weights(path: str | os.PathLike | None = None) -> Path:
 def _check_present(target: Path) -> Path:
     """Every required file is there and non-empty, and no weight exists only as a pickle."""
     if not target.is_dir():
-        raise WeightsError(f"Weights directory {target} does not exist.\n{_fill_commands(target)}")
+        raise WeightsError(f"Weights directory {target} does not exist.\n{fill_commands(target)}")
     problems = [problem for problem in (_missing_reason(target, name) for name in REQUIRED_FILES) if problem]
     if problems:
         listed = "\n".join(f"  {problem}" for problem in problems)
         raise WeightsError(
             f"Weights directory {target} is incomplete, missing {len(problems)} of the "
-            f"{len(REQUIRED_FILES)} required files:\n{listed}\n{_fill_commands(target)}"
+            f"{len(REQUIRED_FILES)} required files:\n{listed}\n{fill_commands(target)}"
         )
     return target
 
@@ -219,7 +219,7 @@ def verify_weights(path: str | os.PathLike | None = None) -> Path:
         raise WeightsError(
             f"Weights directory {target} fails verification:\n"
             + "\n".join(bad)
-            + f"\n{_fill_commands(target)}"
+            + f"\n{fill_commands(target)}"
         )
     return target
 

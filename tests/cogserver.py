@@ -8,13 +8,19 @@ import re
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import urllib.error
 import urllib.request
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any, Optional
 
 ROOT = Path(__file__).resolve().parent.parent
+TERMINAL = {"succeeded", "failed", "canceled"}
+# Cog frees a prediction slot a few milliseconds after it answers, so a request sent right after
+# a response can get 409 "At capacity"; a client (like Replicate's) retries for this long.
+BUSY_RETRY_S = 10.0
 
 
 class CogServer:
@@ -24,7 +30,14 @@ class CogServer:
     `cog build` image would, so input validation is the real server's.
     """
 
-    def __init__(self, weights: Path, schema: Optional[Path], env: Optional[dict[str, str]] = None) -> None:
+    def __init__(
+        self,
+        weights: Path,
+        schema: Optional[Path],
+        env: Optional[dict[str, str]] = None,
+        predictor: Optional[str] = None,
+    ) -> None:
+        """`predictor` is a Cog predictor ref ("path/to/file.py:Class"); default: predict.py:Predictor."""
         self.workdir = Path(tempfile.mkdtemp(prefix="cogserver-"))
         if schema is not None:
             (self.workdir / ".cog").mkdir()
@@ -35,7 +48,7 @@ class CogServer:
             **os.environ,
             "PATH": f"{bindir}{os.pathsep}{os.environ.get('PATH', '')}",
             "PORT": "0",
-            "COG_PREDICT_TYPE_STUB": f"{ROOT / 'predict.py'}:Predictor",
+            "COG_PREDICT_TYPE_STUB": predictor or f"{ROOT / 'predict.py'}:Predictor",
             "PYTHONPATH": str(ROOT),
             "LCM_WEIGHTS_DIR": str(weights),
             "LCM_DEVICE": "cpu",
@@ -64,10 +77,19 @@ class CogServer:
         raise RuntimeError(f"cog server did not start:\n{self.stderr_path.read_text()}")
 
     def request(
-        self, method: str, path: str, body: Any = None, headers: Optional[dict] = None, timeout: float = 300
+        self,
+        method: str,
+        path: str,
+        body: Any = None,
+        headers: Optional[dict] = None,
+        timeout: float = 300,
+        raw: Optional[bytes] = None,
     ) -> tuple[int, Any]:
-        """Send one HTTP request; return (status, decoded JSON body or text)."""
-        data = None if body is None else json.dumps(body).encode()
+        """Send one HTTP request; return (status, decoded JSON body or text).
+
+        `raw` is sent as the body byte for byte, for bodies json.dumps would not write.
+        """
+        data = raw if raw is not None else None if body is None else json.dumps(body).encode()
         req = urllib.request.Request(
             self.url + path,
             data=data,
@@ -85,7 +107,26 @@ class CogServer:
             return status, raw.decode(errors="replace")
 
     def predict(self, **inputs: Any) -> tuple[int, Any]:
-        return self.request("POST", "/predictions", {"input": inputs})
+        return self.send_when_free("POST", "/predictions", {"input": inputs})
+
+    def send_when_free(
+        self, method: str, path: str, body: Any = None, headers: Optional[dict] = None, **kwargs: Any
+    ) -> tuple[int, Any]:
+        """request(), retried while Cog answers 409 for the slot it is still freeing (bounded)."""
+        deadline = time.monotonic() + BUSY_RETRY_S
+        while True:
+            status, answer = self.request(method, path, body, headers, **kwargs)
+            if status != 409 or time.monotonic() > deadline:
+                return status, answer
+            time.sleep(0.02)
+
+    def start(self, prediction_id: str, webhook: str, **inputs: Any) -> tuple[int, Any]:
+        """Start a prediction in the background (202); its events go to `webhook`."""
+        body = {"input": inputs, "webhook": webhook}
+        return self.send_when_free("PUT", f"/predictions/{prediction_id}", body, {"Prefer": "respond-async"})
+
+    def cancel(self, prediction_id: str) -> int:
+        return self.request("POST", f"/predictions/{prediction_id}/cancel", timeout=10)[0]
 
     def health(self) -> dict:
         return self.request("GET", "/health-check", timeout=10)[1]
@@ -104,6 +145,16 @@ class CogServer:
             time.sleep(0.2)
         raise TimeoutError(f"health stayed {health.get('status')!r}:\n{self.stderr_path.read_text()[-3000:]}")
 
+    def worker_pids(self) -> list[int]:
+        """The server's child processes: the coglet worker that runs the predictor."""
+        pids = []
+        for task in Path(f"/proc/{self.proc.pid}/task").iterdir():  # any server thread may spawn it
+            try:
+                pids += [int(pid) for pid in (task / "children").read_text().split()]
+            except FileNotFoundError:  # the thread ended meanwhile
+                continue
+        return sorted(pids)
+
     def stop(self) -> None:
         if self.proc.poll() is None:
             os.killpg(self.proc.pid, 15)
@@ -112,3 +163,46 @@ class CogServer:
             except subprocess.TimeoutExpired:
                 os.killpg(self.proc.pid, 9)
                 self.proc.wait()
+
+
+class WebhookReceiver:
+    """A loopback HTTP server in a thread that keeps every webhook body Cog POSTs to it."""
+
+    def __init__(self) -> None:
+        self.events: list[dict] = []
+        self._changed = threading.Condition()
+        receiver = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_POST(self) -> None:  # noqa: N802 (http.server's name)
+                body = json.loads(self.rfile.read(int(self.headers.get("Content-Length", 0))))
+                self.send_response(200)
+                self.end_headers()
+                with receiver._changed:
+                    receiver.events.append(body)
+                    receiver._changed.notify_all()
+
+            def log_message(self, *args: Any) -> None:
+                """Quiet: the tests print their own summary."""
+
+        self._httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self._httpd.server_address[1]}/webhook"
+        self._thread = threading.Thread(target=self._httpd.serve_forever, daemon=True)
+        self._thread.start()
+
+    def completed(self, prediction_id: str, timeout: float = 120) -> dict:
+        """The first event that shows `prediction_id` finished (succeeded, failed or canceled)."""
+        deadline = time.monotonic() + timeout
+        with self._changed:
+            while True:
+                for event in self.events:
+                    if event.get("id") == prediction_id and event.get("status") in TERMINAL:
+                        return event
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    raise TimeoutError(f"no completed webhook for {prediction_id} in {timeout}s")
+                self._changed.wait(left)
+
+    def close(self) -> None:
+        self._httpd.shutdown()
+        self._httpd.server_close()

@@ -1,0 +1,38 @@
+"""The real predictor with an injectable fault, for Cog's real server: a prompt containing OOM_MARKER
+makes every UNet pass raise torch.OutOfMemoryError, as CUDA does when a request does not fit.
+
+Test-only: run it as `COG_PREDICT_TYPE_STUB=tests/fault_predictor.py:Predictor`.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Optional
+
+import torch
+
+import predict
+from lcm.params import Request
+
+OOM_MARKER = "[inject-oom]"
+
+
+class Predictor(predict.Predictor):
+    def setup(self) -> None:
+        super().setup()
+        engine = self.engine
+        generate, forward = engine.generate, engine.pipe.unet.forward
+        current: dict[str, bool] = {"oom": False}
+
+        def generate_and_note(request: Request, on_step: Optional[Any] = None) -> Any:
+            current["oom"] = OOM_MARKER in request.prompt
+            return generate(request, on_step)
+
+        def forward_or_oom(*args: Any, **kwargs: Any) -> Any:
+            if current["oom"]:
+                raise torch.OutOfMemoryError(
+                    "CUDA out of memory. Tried to allocate 20.00 GiB (injected by tests/fault_predictor.py)"
+                )
+            return forward(*args, **kwargs)
+
+        engine.generate = generate_and_note
+        engine.pipe.unet.forward = forward_or_oom
