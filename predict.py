@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import pathlib
 import shutil
 import tempfile
 from typing import List, Optional
@@ -10,6 +11,7 @@ from typing import List, Optional
 from cog import BasePredictor, Input, Path
 
 from lcm.engine import Engine
+from lcm.errors import InputError
 from lcm.params import Request
 
 DEFAULT_PROMPT = "Self-portrait oil painting, a beautiful cyborg with golden hair, 8k"
@@ -98,6 +100,10 @@ class Predictor(BasePredictor):
             ge=1,
             le=100,
         ),
+        fast_decode: bool = Input(
+            description="Decode with TAESD, a tiny distilled decoder: several times faster, with less fine detail. Default false (the full VAE).",
+            default=False,
+        ),
         disable_safety_checker: bool = Input(
             description="Skip the safety checker. Default false: images it flags are left out of the output, and the prediction fails if it flags them all.",
             default=False,
@@ -107,6 +113,7 @@ class Predictor(BasePredictor):
         self._remove_previous_outputs()
         self.output_dir = tempfile.mkdtemp(prefix="lcm-")
         try:
+            check_downloaded(image)
             request = Request.build(
                 prompt=prompt,
                 width=width,
@@ -122,6 +129,7 @@ class Predictor(BasePredictor):
                 output_format=output_format,
                 output_quality=output_quality,
                 safety_checker=not disable_safety_checker,
+                fast_decode=fast_decode,
             )
             paths = self.engine.generate_files(request, self.output_dir)
         except BaseException:  # failed or cancelled: leave no partial files behind
@@ -134,3 +142,15 @@ class Predictor(BasePredictor):
         if self.output_dir is not None:
             shutil.rmtree(self.output_dir, ignore_errors=True)
             self.output_dir = None
+
+
+def check_downloaded(image: object) -> None:
+    """Accept only an image Cog fetched from a URL or data: URL into its temporary directory.
+
+    Cog hands any other string on as it is, which would let a caller read files on the server.
+    """
+    if image is None:
+        return
+    temp = pathlib.Path(tempfile.gettempdir()).resolve()
+    if not isinstance(image, pathlib.Path) or pathlib.Path(image).resolve().parent != temp:
+        raise InputError("image", str(image), "an http(s) or data: URL; paths on the server are not accepted")

@@ -39,7 +39,15 @@ def random_seed() -> int:
     return secrets.randbelow(MAX_SEED + 1)
 
 
+def _integral(value: Any) -> Any:
+    """JSON Schema counts 256.0 as an integer, so Cog passes such floats on: take them as ints."""
+    if isinstance(value, float) and value.is_integer():
+        return int(value)
+    return value
+
+
 def _check_int(field: str, value: Any, low: int, high: int, extra: str = "") -> int:
+    value = _integral(value)
     if isinstance(value, bool) or not isinstance(value, int):
         raise InputError(field, value, f"an integer from {low} to {high}{extra}")
     if not low <= value <= high:
@@ -56,6 +64,7 @@ def _check_float(field: str, value: Any, low: float, high: float) -> float:
 
 def _check_size(field: str, value: Any) -> int:
     allowed = f"a multiple of {SIZE_MULTIPLE} from {MIN_SIZE} to {MAX_SIZE}"
+    value = _integral(value)
     if isinstance(value, bool) or not isinstance(value, int) or not MIN_SIZE <= value <= MAX_SIZE:
         raise InputError(field, value, allowed)
     if value % SIZE_MULTIPLE:
@@ -83,6 +92,7 @@ class Request:
     output_format: str = "png"
     output_quality: int = 90
     safety_checker: bool = True
+    fast_decode: bool = False
 
     @classmethod
     def build(
@@ -101,6 +111,7 @@ class Request:
         output_format: str = "png",
         output_quality: int = 90,
         safety_checker: bool = True,
+        fast_decode: bool = False,
     ) -> "Request":
         """Validate every field, read the input image, resolve size and seed.
 
@@ -111,9 +122,8 @@ class Request:
 
         if not isinstance(prompt, str) or len(prompt) > MAX_PROMPT_CHARS:
             raise InputError("prompt", prompt, f"a string of at most {MAX_PROMPT_CHARS} characters")
-        for name, value in (("width", width), ("height", height)):
-            if value is not None:
-                _check_size(name, value)
+        width = None if width is None else _check_size("width", width)
+        height = None if height is None else _check_size("height", height)
         num_images = _check_int("num_images", num_images, 1, MAX_IMAGES)
         num_inference_steps = _check_int("num_inference_steps", num_inference_steps, 1, MAX_STEPS)
         guidance_scale = _check_float("guidance_scale", guidance_scale, MIN_GUIDANCE, MAX_GUIDANCE)
@@ -132,6 +142,8 @@ class Request:
         output_quality = _check_int("output_quality", output_quality, 1, 100)
         if not isinstance(safety_checker, bool):
             raise InputError("disable_safety_checker", safety_checker, "true or false")
+        if not isinstance(fast_decode, bool):
+            raise InputError("fast_decode", fast_decode, "true or false")
 
         fitted, digest = None, None
         if image is None:
@@ -173,6 +185,7 @@ class Request:
             output_format=output_format,
             output_quality=output_quality,
             safety_checker=safety_checker,
+            fast_decode=fast_decode,
         )
 
     @property
@@ -212,6 +225,7 @@ class Request:
             "clip_skip",
             "output_format",
             "output_quality",
+            "fast_decode",
         )
         try:
             kwargs = {key: meta[key] for key in keys if key in meta}
