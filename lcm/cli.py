@@ -42,6 +42,7 @@ def _parser() -> argparse.ArgumentParser:
     gen.add_argument("--format", default="png", choices=params.OUTPUT_FORMATS, help="file format (png)")
     gen.add_argument("--quality", type=int, default=90, help="webp/jpg quality 1..100 (default 90)")
     gen.add_argument("--disable-safety-checker", action="store_true", help="keep images the checker flags")
+    gen.add_argument("--fast-decode", action="store_true", help="decode with TAESD: faster, less detail")
 
     rep = commands.add_parser("reproduce", help="regenerate an image from the parameters stored in its file")
     rep.add_argument("file", type=Path, help="a PNG, WebP or JPEG written by this project")
@@ -70,6 +71,7 @@ def _request(args: argparse.Namespace) -> params.Request:
         output_format=args.format,
         output_quality=args.quality,
         safety_checker=not args.disable_safety_checker,
+        fast_decode=args.fast_decode,
     )
 
 

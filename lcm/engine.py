@@ -13,11 +13,11 @@ from typing import Callable, Optional
 
 import numpy as np
 import torch
-from diffusers import LCMScheduler
+from diffusers import AutoencoderTiny, LCMScheduler
 
-from lcm import images, prompts, safety, sampler
+from lcm import accel, images, prompts, safety, sampler
 from lcm.errors import InputError, LCMError
-from lcm.loading import default_dtype, load_pipeline, pick_device
+from lcm.loading import default_dtype, load_pipeline, load_tiny_decoder, pick_device
 from lcm.params import Request
 from lcm.weights import weights_dir
 
@@ -54,8 +54,18 @@ class _Clock:
 class Engine:
     """The loaded components and the device they live on; generate() is not thread-safe."""
 
-    def __init__(self, pipe, device: torch.device, dtype: torch.dtype, path: Path) -> None:
+    def __init__(
+        self,
+        pipe,
+        device: torch.device,
+        dtype: torch.dtype,
+        path: Path,
+        taesd: Optional[AutoencoderTiny] = None,
+        settings: Optional[accel.Accel] = None,
+    ) -> None:
         self.pipe = pipe
+        self.accel = settings or accel.Accel()
+        self.taesd = taesd  # fast_decode's tiny decoder, when the weights directory has one
         self.device = device
         self.dtype = dtype
         self.weights_dir = path
@@ -68,13 +78,23 @@ class Engine:
         resolved = weights_dir(path)
         dev = pick_device(device)
         dtype = default_dtype(dev)
-        engine = cls(load_pipeline(resolved, dev, dtype), dev, dtype, resolved)
+        pipe = load_pipeline(resolved, dev, dtype)
+        taesd = load_tiny_decoder(resolved, dev, dtype)
+        settings = accel.Accel.from_env(dev, dtype, pipe.vae.config)
+        accel.apply(pipe, taesd, settings)
+        accel.compile_modules(pipe, settings)
+        engine = cls(pipe, dev, dtype, resolved, taesd, settings)
+        loaded = time.perf_counter() - start
+        if settings.compile and settings.warmup:  # compile for the default request now, not in the first one
+            engine.generate(Request.build("warm-up", seed=0))
         log.info(
-            "loaded %s on %s (%s) in %.1fs",
+            "loaded %s on %s (%s, %s) in %.1fs, warm-up %.1fs",
             resolved,
             dev,
             str(dtype).removeprefix("torch."),
-            time.perf_counter() - start,
+            settings.describe(),
+            loaded,
+            time.perf_counter() - start - loaded,
         )
         return engine
 
@@ -99,6 +119,11 @@ class Engine:
             raise InputError(
                 "clip_skip", request.clip_skip, f"an integer from 0 to {layers - 1} for this model"
             )
+        if request.fast_decode and self.taesd is None:
+            raise LCMError(
+                f"fast_decode needs the TAESD decoder in {self.weights_dir / 'taesd'}, which is missing: "
+                "run scripts/download-weights (it fetches madebyollin/taesd), or leave fast_decode off"
+            )
         if request.safety_checker and self.pipe.safety_checker is None:
             raise LCMError(
                 "this checkpoint has no safety checker: set disable_safety_checker to run without one"
@@ -122,11 +147,10 @@ class Engine:
             )
             noise = sampler.initial_noise(generators, shape, self.device, self.dtype)
             return noise * scheduler.init_noise_sigma
-        pixels = pipe.image_processor.preprocess(request.image).to(device=self.device, dtype=self.dtype)
+        pixels = pipe.image_processor.preprocess(request.image).to(device=self.device, dtype=pipe.vae.dtype)
         posterior = pipe.vae.encode(pixels).latent_dist  # encoded once, sampled per image
-        clean = (
-            torch.cat([posterior.sample(generator=g) for g in generators]) * pipe.vae.config.scaling_factor
-        )
+        clean = torch.cat([posterior.sample(generator=g) for g in generators]).to(self.dtype)
+        clean = clean * pipe.vae.config.scaling_factor
         noise = sampler.initial_noise(generators, tuple(clean.shape), self.device, self.dtype)
         return scheduler.add_noise(clean, noise, scheduler.timesteps[:1].repeat(n))
 
@@ -169,10 +193,20 @@ class Engine:
         latents = self.start_latents(request, scheduler, generators)
         clock.lap("prepare")
         denoised = sampler.sample(
-            pipe.unet, scheduler, embedding.embeds, latents, request.guidance_scale, generators, on_step
+            pipe.unet,
+            scheduler,
+            embedding.embeds,
+            latents,
+            request.guidance_scale,
+            generators,
+            on_step,
+            fused=self.accel.fused_step,
         )
         clock.lap("unet")
-        pixels = images.decode(pipe.vae, denoised, chunk=self.decode_chunk)
+        if request.fast_decode:  # TAESD is small: the whole batch in one pass
+            pixels = images.decode(self.taesd, denoised, chunk=request.num_images)
+        else:
+            pixels = images.decode(pipe.vae, denoised, chunk=self.decode_chunk)
         clock.lap("vae")
         nsfw = [False] * len(pixels)
         if request.safety_checker:

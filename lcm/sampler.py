@@ -7,6 +7,8 @@ distilled with it. The loop returns to Python between steps, so a cancellation l
 
 from __future__ import annotations
 
+import math
+from dataclasses import dataclass
 from typing import Callable, Optional, Sequence
 
 import torch
@@ -36,6 +38,71 @@ def initial_noise(
     return randn_tensor(shape, generator=generators, device=device, dtype=dtype)
 
 
+@dataclass(frozen=True)
+class StepPlan:
+    """Everything one LCM step needs, computed on the host before the loop.
+
+    `scheduler.step` reads device tensors back to the host every step (the next timestep's sign,
+    alphas indexed by a device timestep) and copies freshly drawn noise from pageable memory, so
+    on CUDA each step waits for the one before. The plan holds plain floats and all the step
+    noise, drawn up front in diffusers' order and copied to the device once.
+    """
+
+    timesteps: torch.Tensor  # on the device, fed to the UNet
+    sample_scale: list[float]  # 1 / sqrt(alpha_t)
+    model_scale: list[float]  # sqrt(1 - alpha_t) / sqrt(alpha_t)
+    c_skip: list[float]
+    c_out: list[float]
+    keep: list[float]  # sqrt(alpha_prev)
+    fresh: list[float]  # sqrt(1 - alpha_prev)
+    noise: Optional[torch.Tensor]  # (steps - 1, N, C, H, W) on the device, None for one step
+
+
+def fused_step_supported(scheduler: LCMScheduler) -> bool:
+    """The plan covers epsilon prediction without thresholding or clipping: this checkpoint's config."""
+    config = scheduler.config
+    return config.prediction_type == "epsilon" and not config.thresholding and not config.clip_sample
+
+
+def plan_steps(scheduler: LCMScheduler, generators: list[torch.Generator], latents: torch.Tensor) -> StepPlan:
+    """The plan for `scheduler.timesteps`; draws each image's step noise right after its start latents."""
+    ts = [int(t) for t in scheduler.timesteps.cpu()]
+    alphas = scheduler.alphas_cumprod.cpu().double()
+    values: dict[str, list[float]] = {k: [] for k in ("sample", "model", "skip", "out", "keep", "fresh")}
+    for i, t in enumerate(ts):
+        prev = ts[i + 1] if i + 1 < len(ts) else t
+        alpha = float(alphas[t])
+        alpha_prev = float(alphas[prev]) if prev >= 0 else float(scheduler.final_alpha_cumprod)
+        c_skip, c_out = scheduler.get_scalings_for_boundary_condition_discrete(t)
+        values["sample"].append(1 / math.sqrt(alpha))
+        values["model"].append(math.sqrt(1 - alpha) / math.sqrt(alpha))
+        values["skip"].append(float(c_skip))
+        values["out"].append(float(c_out))
+        values["keep"].append(math.sqrt(alpha_prev))
+        values["fresh"].append(math.sqrt(1 - alpha_prev))
+    noise = None
+    if len(ts) > 1:
+        shape = (1, *latents.shape[1:])
+        per_image = [
+            torch.stack([torch.randn(shape, generator=g, dtype=latents.dtype) for _ in ts[:-1]])
+            for g in generators
+        ]
+        host = torch.cat(per_image, dim=1)  # (steps - 1, N, C, H, W)
+        if latents.device.type == "cuda":
+            host = host.pin_memory()
+        noise = host.to(latents.device, non_blocking=True)
+    return StepPlan(
+        timesteps=scheduler.timesteps,
+        sample_scale=values["sample"],
+        model_scale=values["model"],
+        c_skip=values["skip"],
+        c_out=values["out"],
+        keep=values["keep"],
+        fresh=values["fresh"],
+        noise=noise,
+    )
+
+
 @torch.no_grad()
 def sample(
     unet: UNet2DConditionModel,
@@ -45,11 +112,14 @@ def sample(
     guidance_scale: float,
     generators: list[torch.Generator],
     on_step: Optional[Callable[[int, torch.Tensor], None]] = None,
+    fused: bool = True,
 ) -> torch.Tensor:
     """Run the scheduler's timesteps from `latents`; return the final denoised latents.
 
     The scheduler must already hold its timesteps (set_timesteps); `latents` are the starting
-    sample, already scaled (pure noise for text-to-image, the noised image for image-to-image).
+    sample, already scaled (pure noise for text to image, the noised image for image to image).
+    `fused` runs the host-planned step (same arithmetic and noise as `scheduler.step`, no
+    device-to-host waits); otherwise diffusers' `scheduler.step` runs each step.
     """
     batch = latents.shape[0]
     w_embedding = guidance_embedding(guidance_scale, batch, unet.config.time_cond_proj_dim).to(
@@ -57,8 +127,9 @@ def sample(
     )
     if prompt_embeds.shape[0] != batch:
         prompt_embeds = prompt_embeds.expand(batch, -1, -1)
+    plan = plan_steps(scheduler, generators, latents) if fused and fused_step_supported(scheduler) else None
     denoised = latents
-    for i, t in enumerate(scheduler.timesteps):
+    for i, t in enumerate(scheduler.timesteps if plan is None else plan.timesteps):
         model_pred = unet(
             latents,
             t,
@@ -66,7 +137,15 @@ def sample(
             encoder_hidden_states=prompt_embeds,
             return_dict=False,
         )[0]
-        latents, denoised = scheduler.step(model_pred, t, latents, generator=generators, return_dict=False)
+        if plan is None:
+            latents, denoised = scheduler.step(
+                model_pred, t, latents, generator=generators, return_dict=False
+            )
+        else:
+            original = latents * plan.sample_scale[i] - model_pred * plan.model_scale[i]
+            denoised = original * plan.c_out[i] + latents * plan.c_skip[i]
+            last = i == len(plan.c_out) - 1
+            latents = denoised if last else denoised * plan.keep[i] + plan.noise[i] * plan.fresh[i]
         if on_step is not None:
             on_step(i, t)
     return denoised

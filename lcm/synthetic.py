@@ -24,12 +24,13 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from diffusers import AutoencoderKL, UNet2DConditionModel
+from diffusers import AutoencoderKL, AutoencoderTiny, UNet2DConditionModel
 from diffusers.pipelines.stable_diffusion.safety_checker import StableDiffusionSafetyChecker
 from transformers import CLIPConfig, CLIPTextConfig, CLIPTextModel
 from transformers.convert_slow_tokenizer import bytes_to_unicode
 
 VENDORED_DIR = Path(__file__).resolve().parent / "configs" / "lcm-dreamshaper-v7"
+TAESD_CONFIG = Path(__file__).resolve().parent / "configs" / "taesd" / "config.json"
 SIZES = ("tiny", "full")
 MARKER_NAME = "synthetic.json"
 
@@ -40,6 +41,7 @@ WEIGHT_FILES = {
     "vae": "vae/diffusion_pytorch_model.safetensors",
     "text_encoder": "text_encoder/model.safetensors",
     "safety_checker": "safety_checker/model.safetensors",
+    "taesd": "taesd/diffusion_pytorch_model.safetensors",  # fast_decode's tiny decoder (madebyollin/taesd)
 }
 
 # Tiny = the real config with these keys replaced, so everything not named here (activations,
@@ -81,6 +83,12 @@ _TINY_OVERRIDES: dict[str, dict[str, Any]] = {
             "patch_size": 32,
         },
     },
+    "taesd": {
+        "encoder_block_out_channels": [16, 16, 16, 16],
+        "decoder_block_out_channels": [16, 16, 16, 16],
+        "num_encoder_blocks": [1, 1, 1, 1],
+        "num_decoder_blocks": [1, 1, 1, 1],
+    },
 }
 # Words the tiny tokenizer merges into single tokens; everything else falls back to byte tokens.
 _TINY_WORDS = ("a", "photo", "of", "cat", "dog", "the", "astronaut", "riding", "horse", "painting")
@@ -99,12 +107,13 @@ def vendored_files() -> list[str]:
 
 def checkpoint_files() -> list[str]:
     """The exact file set of a synthetic checkpoint: the real download's files plus the marker."""
-    return sorted([*vendored_files(), *WEIGHT_FILES.values(), MARKER_NAME])
+    return sorted([*vendored_files(), "taesd/config.json", *WEIGHT_FILES.values(), MARKER_NAME])
 
 
 def model_config(component: str, size: str) -> dict[str, Any]:
     """The config a component is built from: the vendored one, shrunk for ``tiny``."""
-    config = json.loads((VENDORED_DIR / component / "config.json").read_text())
+    source = TAESD_CONFIG if component == "taesd" else VENDORED_DIR / component / "config.json"
+    config = json.loads(source.read_text())
     if size == "tiny":
         for key, value in _TINY_OVERRIDES[component].items():
             if isinstance(value, dict):
@@ -130,6 +139,8 @@ def build_model(component: str, size: str) -> torch.nn.Module:
         return CLIPTextModel(CLIPTextConfig.from_dict(config))
     if component == "safety_checker":
         return StableDiffusionSafetyChecker(CLIPConfig.from_dict(config))
+    if component == "taesd":
+        return AutoencoderTiny.from_config(config)
     raise ValueError(f"component={component!r} is not one of {sorted(WEIGHT_FILES)}")
 
 
@@ -181,6 +192,8 @@ def _write_checkpoint(root: Path, size: str, seed: int) -> None:
         if name not in own:
             (root / name).parent.mkdir(parents=True, exist_ok=True)
             shutil.copyfile(VENDORED_DIR / name, root / name)
+    if size == "full":
+        shutil.copyfile(TAESD_CONFIG, root / "taesd" / "config.json")
     (root / MARKER_NAME).write_text(
         json.dumps({"size": size, "seed": seed, "synthetic": True}, indent=2) + "\n"
     )

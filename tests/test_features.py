@@ -255,3 +255,30 @@ def test_img2img_file_reproduces_only_with_its_input_image(engine, tiny_checkpoi
     assert cli_main(args) == 2
     assert cli_main([*args, "--image", photo]) == 0
     assert (tmp_path / "again" / first.name).read_bytes() == first.read_bytes()
+
+
+# --- fast decode ----------------------------------------------------------------------------------------
+
+
+def test_fast_decode_equals_diffusers_with_taesd_as_its_vae(engine):
+    assert engine.taesd is not None
+    ref = engine.pipe.__class__(**{**engine.pipe.components, "vae": engine.taesd})
+    ref.set_progress_bar_config(disable=True)
+    out = ref(
+        "a photo of a cat",
+        height=256,
+        width=256,
+        num_inference_steps=2,
+        guidance_scale=8.0,
+        generator=torch.Generator("cpu").manual_seed(5),
+        output_type="np",
+    ).images[0]
+    ours = engine.generate(request(num_inference_steps=2, fast_decode=True)).pixels[0]
+    assert max_diff(ours, to_uint8(out)) <= 1
+    assert max_diff(ours, engine.generate(request(num_inference_steps=2)).pixels[0]) > 10
+
+
+def test_fast_decode_without_taesd_says_how_to_get_it(engine, monkeypatch):
+    monkeypatch.setattr(engine, "taesd", None)
+    with pytest.raises(LCMError, match=r"fast_decode needs the TAESD decoder in .*taesd.*download-weights"):
+        engine.generate(request(fast_decode=True))

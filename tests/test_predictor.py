@@ -15,6 +15,7 @@ ARGS = dict(
     output_format="png",
     output_quality=90,
     disable_safety_checker=False,
+    fast_decode=False,
     prompt="a lighthouse",
     width=256,
     height=256,

@@ -276,6 +276,16 @@ def script():
     return module
 
 
+TAESD_REMOTE = ("config.json", "diffusion_pytorch_model.safetensors")
+
+
+def test_taesd_is_optional_a_failed_fetch_only_warns(tmp_path, script, hub, load_checks, capsys):
+    shutil.rmtree(tmp_path / "madebyollin")
+    assert script.main(["--dir", str(tmp_path / "weights")]) == 0
+    assert not (tmp_path / "weights" / "taesd").exists()
+    assert "could not fetch madebyollin/taesd" in capsys.readouterr().err
+
+
 class FakeHub:
     """HfApi().list_repo_files and hf_hub_download over a local folder; records what is downloaded."""
 
@@ -294,10 +304,11 @@ class FakeHub:
     def hf_hub_download(self, repo_id: str, filename: str, *, revision: str | None = None, local_dir) -> str:
         if self.fail_after is not None and len(self.downloaded) >= self.fail_after:
             raise ConnectionError("connection reset by peer")
+        source = self.root / filename if repo_id == REPO else self.root.parent / repo_id / filename
         destination = Path(local_dir) / filename
         destination.parent.mkdir(parents=True, exist_ok=True)
-        shutil.copyfile(self.root / filename, destination)
-        self.downloaded.append(filename)
+        shutil.copyfile(source, destination)
+        self.downloaded.append(filename if repo_id == REPO else f"{repo_id}/{filename}")
         return str(destination)
 
 
@@ -307,6 +318,9 @@ def hub(tmp_path, script, monkeypatch):
     for name in REAL_LISTING:
         (root / name).parent.mkdir(parents=True, exist_ok=True)
         (root / name).write_text(f"hub file {name}\n")
+    for name in TAESD_REMOTE:
+        (tmp_path / "madebyollin" / "taesd" / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / "madebyollin" / "taesd" / name).write_text(f"taesd file {name}\n")
     fake = FakeHub(root)
     monkeypatch.setattr(script, "HfApi", fake.api)
     monkeypatch.setattr(script, "hf_hub_download", fake.hf_hub_download)
@@ -323,9 +337,12 @@ def load_checks(script, monkeypatch) -> list[Path]:
 def test_download_fills_the_layout_then_downloads_nothing(tmp_path, script, hub, load_checks, capsys):
     target = tmp_path / "weights"
     assert script.main(["--dir", str(target)]) == 0
-    assert sorted(hub.downloaded) == sorted(EXPECTED_SELECTION)
+    assert sorted(hub.downloaded) == sorted(
+        [*EXPECTED_SELECTION, *(f"madebyollin/taesd/{n}" for n in TAESD_REMOTE)]
+    )
     files = {str(p.relative_to(target)) for p in target.rglob("*") if p.is_file()}
-    assert files == set(REQUIRED_FILES) | {MANIFEST_NAME}
+    assert files == set(REQUIRED_FILES) | {MANIFEST_NAME} | {f"taesd/{n}" for n in TAESD_REMOTE}
+    assert (target / "taesd" / "config.json").read_text() == "taesd file config.json\n"
     for remote, local in EXPECTED_SELECTION.items():
         assert (target / local).read_text() == f"hub file {remote}\n"
     assert load_checks == [target]
@@ -356,9 +373,17 @@ def test_download_refetches_only_a_damaged_file(tmp_path, script, hub, load_chec
 
 def test_download_replaces_a_checkpoint_from_another_source(tmp_path, script, hub, load_checks):
     target = fill(tmp_path / "weights")
+    for name in TAESD_REMOTE:
+        (target / "taesd" / name).parent.mkdir(exist_ok=True)
+        (target / "taesd" / name).write_text("synthetic\n")
+    (target / "synthetic.json").write_text("{}\n")
     write_manifest(target, source="synthetic")
     assert script.main(["--dir", str(target)]) == 0
-    assert sorted(hub.downloaded) == sorted(EXPECTED_SELECTION)
+    assert sorted(hub.downloaded) == sorted(
+        [*EXPECTED_SELECTION, *(f"madebyollin/taesd/{n}" for n in TAESD_REMOTE)]
+    )
+    assert (target / "taesd" / "config.json").read_text() == "taesd file config.json\n"
+    assert not (target / "synthetic.json").exists()
     assert (target / UNET).read_text() == "hub file unet/diffusion_pytorch_model.fp16.safetensors\n"
 
 

@@ -1,0 +1,136 @@
+"""Every speed setting keeps outputs within tolerance of the unoptimised path (CPU, tiny checkpoint)."""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import torch
+
+from lcm import accel
+from lcm.engine import Engine
+from lcm.errors import LCMError
+from lcm.params import Request
+
+OFF = {
+    "LCM_FUSED_STEP": "0",
+    "LCM_CHANNELS_LAST": "0",
+    "LCM_FUSE_QKV": "0",
+    "LCM_COMPILE": "0",
+    "LCM_CUDA_GRAPHS": "0",
+}
+
+
+def max_diff(a: np.ndarray, b: np.ndarray) -> int:
+    return int(np.abs(a.astype(np.int16) - b.astype(np.int16)).max())
+
+
+def request(**kw) -> Request:
+    return Request.build(
+        **{
+            "prompt": "a photo of a cat",
+            "width": 256,
+            "height": 256,
+            "seed": 21,
+            "num_images": 2,
+            "num_inference_steps": 3,
+            "safety_checker": False,
+            **kw,
+        }
+    )
+
+
+@pytest.fixture(scope="module")
+def baseline(tiny_checkpoint):
+    with pytest.MonkeyPatch.context() as mp:
+        for name, value in OFF.items():
+            mp.setenv(name, value)
+        engine = Engine.load(tiny_checkpoint, device="cpu")
+    assert engine.accel.describe() == "accel=none vae_dtype=same"
+    return engine
+
+
+def load_with(tiny_checkpoint, monkeypatch, **env: str) -> Engine:
+    for name, value in {**OFF, **env}.items():
+        monkeypatch.setenv(name, value)
+    return Engine.load(tiny_checkpoint, device="cpu")
+
+
+@pytest.mark.parametrize("image", [False, True])
+def test_fused_step_matches_scheduler_step(baseline, tiny_checkpoint, monkeypatch, image, tmp_path):
+    fused = load_with(tiny_checkpoint, monkeypatch, LCM_FUSED_STEP="1")
+    kw = {}
+    if image:
+        from PIL import Image
+
+        path = tmp_path / "in.png"
+        Image.fromarray(np.linspace(0, 255, 256 * 256 * 3).reshape(256, 256, 3).astype(np.uint8)).save(path)
+        kw = {"image": str(path), "num_inference_steps": 2}
+    ours = fused.generate(request(**kw)).pixels
+    ref = baseline.generate(request(**kw)).pixels
+    assert max_diff(ours, ref) <= 1
+
+
+def test_fused_step_equals_scheduler_step_on_latents(baseline):
+    """Tighter than pixels: the denoised latents themselves."""
+    from lcm import sampler
+
+    pipe = baseline.pipe
+    req = request()
+    embeds = torch.zeros(1, 77, pipe.text_encoder.config.hidden_size)
+    runs = []
+    for fused in (False, True):
+        gens = sampler.generators_for(req.seeds)
+        sched = baseline.scheduler(req)
+        start = baseline.start_latents(req, sched, gens)
+        runs.append(sampler.sample(pipe.unet, sched, embeds, start, 8.0, gens, fused=fused))
+    torch.testing.assert_close(runs[0], runs[1], rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("setting", ["LCM_CHANNELS_LAST", "LCM_FUSE_QKV"])
+def test_layout_and_fusion_settings_keep_outputs(baseline, tiny_checkpoint, monkeypatch, setting):
+    engine = load_with(tiny_checkpoint, monkeypatch, **{setting: "1"})
+    assert max_diff(engine.generate(request()).pixels, baseline.generate(request()).pixels) <= 1
+
+
+def test_bfloat16_vae_stays_close(baseline, tiny_checkpoint, monkeypatch):
+    engine = load_with(tiny_checkpoint, monkeypatch, LCM_VAE_DTYPE="bfloat16")
+    assert engine.pipe.vae.dtype == torch.bfloat16 and engine.pipe.unet.dtype == torch.float32
+    ours, ref = engine.generate(request()).pixels, baseline.generate(request()).pixels
+    assert np.abs(ours.astype(float) - ref).mean() < 1.5 and max_diff(ours, ref) <= 12
+
+
+def test_compiled_unet_and_decoder_keep_outputs_and_bound_shapes(baseline, tiny_checkpoint, monkeypatch):
+    engine = load_with(
+        tiny_checkpoint,
+        monkeypatch,
+        LCM_COMPILE="1",
+        LCM_WARMUP="0",
+        LCM_COMPILE_CACHE=str(tiny_checkpoint.parent / "compile-cache"),
+    )
+    assert isinstance(engine.pipe.unet.forward, accel.ShapeBoundCompiled)
+    req = request(num_inference_steps=2, num_images=1)
+    assert max_diff(engine.generate(req).pixels, baseline.generate(req).pixels) <= 1
+    monkeypatch.setattr(accel, "MAX_COMPILED_SHAPES", 1)
+    other = request(num_inference_steps=2, num_images=1, width=264)
+    assert max_diff(engine.generate(other).pixels, baseline.generate(other).pixels) <= 1
+    assert engine.pipe.unet.forward.shapes == {(1, 4, 32, 32)}  # the odd size ran eagerly
+
+
+def test_cpu_defaults_and_cuda_policy():
+    cpu = accel.Accel.from_env(torch.device("cpu"), torch.float32, SimpleNamespace(force_upcast=True))
+    assert cpu.fused_step and cpu.channels_last and not (cpu.compile or cpu.cuda_graphs or cpu.fuse_qkv)
+    assert cpu.vae_dtype is None
+    assert (
+        accel.vae_dtype(torch.device("cpu"), torch.float16, SimpleNamespace(force_upcast=True))
+        == torch.float32
+    )
+    assert accel.vae_dtype(torch.device("cpu"), torch.float16, SimpleNamespace(force_upcast=False)) is None
+
+
+@pytest.mark.parametrize("name,value", [("LCM_COMPILE", "maybe"), ("LCM_VAE_DTYPE", "int8")])
+def test_bad_switch_values_are_refused(monkeypatch, name, value):
+    monkeypatch.setenv(name, value)
+    with pytest.raises(LCMError, match=f"{name}='{value}' is not allowed"):
+        accel.Accel.from_env(torch.device("cpu"), torch.float32, SimpleNamespace(force_upcast=True))
