@@ -13,7 +13,7 @@ OUT ?= out
 SYNTHETIC_DIR ?= weights/synthetic
 export LCM_WEIGHTS_DIR
 
-.PHONY: venv test lint generate generate-synthetic weights synthetic schema serve clean
+.PHONY: venv test soak bench lint generate generate-synthetic weights synthetic schema serve clean
 
 venv: $(VENV)/.installed
 
@@ -30,6 +30,15 @@ lint: venv
 
 test: lint
 	$(PY) -m pytest -q
+
+# 500 predictions over HTTP, sync and async: lost/failed predictions, memory, files, descriptors.
+soak: venv
+	$(PY) -m pytest -q -s -m soak
+
+# Ours against diffusers' reference pipeline in one process: python -m bench --help for options.
+BENCH_ARGS ?= --device cpu --size 256
+bench: venv
+	$(PY) -m bench $(BENCH_ARGS)
 
 # Fill the weights directory from the hub if it is incomplete.
 weights: venv
