@@ -338,8 +338,10 @@ CASES = [
     ),
     # Unreachable URL (a closed loopback port): Cog's download fails and names the address.
     pytest.param(image_input("http://127.0.0.1:9/x.png"), failed(None, "port=9"), id="image-unreachable-url"),
-    # Not a URL at all: Cog passes the string on as a path, which names no file.
-    pytest.param(image_input("just words"), failed("image", "cannot be read"), id="image-not-a-url"),
+    # Not a URL: Cog passes the string on as a path; predict() takes only files Cog downloaded.
+    pytest.param(image_input("just words"), failed("image", "http(s) or data: URL"), id="image-not-a-url"),
+    # A path on the server is refused the same way, so no caller can read server files into img2img.
+    pytest.param(image_input("/etc/passwd"), failed("image", "not accepted"), id="image-server-path"),
 ]
 
 

@@ -25,6 +25,22 @@ def to_uint8(images: np.ndarray) -> np.ndarray:
     return (images * 255).round().astype(np.uint8)
 
 
+def reference_image(engine, replace: dict | None = None, **inputs) -> np.ndarray:
+    """diffusers' pipeline over the engine's components (some replaced): 256x256, 2 steps, seed 5."""
+    ref = engine.pipe.__class__(**{**engine.pipe.components, **(replace or {})})
+    ref.set_progress_bar_config(disable=True)
+    generator = torch.Generator("cpu").manual_seed(5)
+    return ref(
+        **inputs,
+        height=256,
+        width=256,
+        num_inference_steps=2,
+        guidance_scale=8.0,
+        generator=generator,
+        output_type="np",
+    ).images[0]
+
+
 @pytest.fixture(scope="module")
 def photo(tmp_path_factory) -> str:
     """A smooth, photo-like 320x256 RGB image."""
@@ -130,17 +146,7 @@ def test_clip_skip_uses_the_output_of_layer_L_minus_k(engine, clip_skip):
     ids = engine.pipe.tokenizer("a photo of a cat", padding="max_length", max_length=77, return_tensors="pt")
     with torch.no_grad():
         embeds = cut(ids.input_ids)[0]
-    ref = engine.pipe.__class__(**engine.pipe.components)
-    ref.set_progress_bar_config(disable=True)
-    out = ref(
-        prompt_embeds=embeds,
-        height=256,
-        width=256,
-        num_inference_steps=2,
-        guidance_scale=8.0,
-        generator=torch.Generator("cpu").manual_seed(5),
-        output_type="np",
-    ).images[0]
+    out = reference_image(engine, prompt_embeds=embeds)
     ours = engine.generate(request(num_inference_steps=2, clip_skip=clip_skip, safety_checker=False)).pixels[
         0
     ]
@@ -262,17 +268,7 @@ def test_img2img_file_reproduces_only_with_its_input_image(engine, tiny_checkpoi
 
 def test_fast_decode_equals_diffusers_with_taesd_as_its_vae(engine):
     assert engine.taesd is not None
-    ref = engine.pipe.__class__(**{**engine.pipe.components, "vae": engine.taesd})
-    ref.set_progress_bar_config(disable=True)
-    out = ref(
-        "a photo of a cat",
-        height=256,
-        width=256,
-        num_inference_steps=2,
-        guidance_scale=8.0,
-        generator=torch.Generator("cpu").manual_seed(5),
-        output_type="np",
-    ).images[0]
+    out = reference_image(engine, {"vae": engine.taesd}, prompt="a photo of a cat")
     ours = engine.generate(request(num_inference_steps=2, fast_decode=True)).pixels[0]
     assert max_diff(ours, to_uint8(out)) <= 1
     assert max_diff(ours, engine.generate(request(num_inference_steps=2)).pixels[0]) > 10
