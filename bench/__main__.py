@@ -1,0 +1,89 @@
+"""The benchmark's command line: torch and the pipelines load only after parsing, so --help is instant."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+from typing import Optional, Sequence
+
+from bench import BENCH_DIR, DEFAULT_WEIGHTS, RESULTS
+
+
+def _positive(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{value} is not allowed: at least 1")
+    return value
+
+
+def _non_negative(text: str) -> int:
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"{value} is not allowed: at least 0")
+    return value
+
+
+def parser() -> argparse.ArgumentParser:
+    """The benchmark's options; every default is the one the README documents."""
+    p = argparse.ArgumentParser(
+        prog="python -m bench",
+        description=(
+            "Time the project's predict() path against diffusers' LatentConsistencyModelPipeline "
+            "in one process, on the same weights and inputs. The last line printed is "
+            "speedup_vs_reference=<reference median / ours median, end to end>."
+        ),
+    )
+    p.add_argument(
+        "--device", default=None, help="cpu, cuda or cuda:N (default: cuda if available, else cpu)"
+    )
+    p.add_argument("--size", type=int, default=768, help="image width and height in pixels (default 768)")
+    p.add_argument("--steps", type=_positive, default=4, help="inference steps (default 4)")
+    p.add_argument("--batch", type=_positive, default=1, help="images per request (default 1)")
+    p.add_argument(
+        "--weights",
+        type=Path,
+        default=None,
+        help=f"weights directory (default: {DEFAULT_WEIGHTS.relative_to(BENCH_DIR.parent)}, "
+        "a full-size synthetic checkpoint built there on first use, about 25 s and 2.6 GB)",
+    )
+    p.add_argument(
+        "--runs", type=_positive, default=None, help="timed runs per method (default 5 on cuda, 3 on cpu)"
+    )
+    p.add_argument(
+        "--warmup", type=_non_negative, default=1, help="untimed runs per method first (default 1)"
+    )
+    p.add_argument(
+        "--threads",
+        type=_positive,
+        default=None,
+        help="torch CPU threads for both methods (default: torch's own, one per core)",
+    )
+    p.add_argument(
+        "--fast-decode",
+        action="store_true",
+        help="ours decodes with TAESD (predict's fast_decode); the reference keeps the full VAE",
+    )
+    p.add_argument(
+        "--record",
+        nargs="?",
+        type=Path,
+        const=RESULTS,
+        default=None,
+        metavar="FILE",
+        help="append the results as a dated section to FILE "
+        f"(default FILE: {RESULTS.relative_to(BENCH_DIR.parent)})",
+    )
+    return p
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    """Entry point of `python -m bench`; returns the exit status."""
+    args = parser().parse_args(argv)
+    from bench.harness import run_cli
+
+    return run_cli(args, list(sys.argv[1:] if argv is None else argv))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

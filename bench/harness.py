@@ -1,0 +1,491 @@
+"""Ours and the reference in one process, on the same weights and inputs, in interleaved rounds.
+
+Ours is predict.Predictor, the path Cog serves, end to end to the files on disk. The reference is
+diffusers' LatentConsistencyModelPipeline with its defaults for the device (safety checker on), its
+PIL images saved as PNG with Pillow's defaults. Both stay loaded and take turns, in ABBA order, so
+a machine whose load drifts (a shared box, a neighbour's test run) slows both alike and the ratio
+holds; each run's memory peak is taken above what was held when it started.
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import gc
+import inspect
+import os
+import shlex
+import shutil
+import statistics
+import sys
+import tempfile
+import time
+from collections import defaultdict
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Optional, Protocol, Sequence
+
+import numpy as np
+import torch
+from diffusers import LatentConsistencyModelPipeline
+from diffusers.utils import logging as diffusers_logging
+from transformers.utils import logging as transformers_logging
+
+import predict
+from bench import DEFAULT_WEIGHTS, report
+from bench.memory import MemoryWatch, Usage, release
+from lcm.errors import LCMError
+from lcm.loading import DEVICE_ENV, pick_device
+from lcm.params import Request
+from lcm.weights import WEIGHTS_ENV, check_weights
+
+SEED = 1234
+GUIDANCE_SCALE = 8.0
+ORIGIN_STEPS = 50
+
+
+@dataclass(frozen=True)
+class Settings:
+    """What both methods are asked to do."""
+
+    device: torch.device
+    size: int
+    steps: int
+    batch: int
+    weights: Path
+    runs: int
+    warmup: int
+    prompt: str = predict.DEFAULT_PROMPT
+    seed: int = SEED
+    fast_decode: bool = False  # ours decodes with TAESD; the reference keeps its full VAE
+
+    @property
+    def seeds(self) -> list[int]:
+        """Image i uses seed + i in both methods, each from its own CPU generator."""
+        return [self.seed + i for i in range(self.batch)]
+
+
+class Recorder:
+    """Stage and per-step times of the current run, from wrapped calls and step callbacks.
+
+    On CUDA every boundary it records synchronises the device, which perturbs timing slightly, so
+    there it is switched on only in a separate profiling pass, never in the timed runs. On CPU it
+    costs a clock read per boundary and stays on in the timed runs.
+    """
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+        self.active = False
+        self.reset()
+
+    def reset(self) -> None:
+        self.stages: dict[str, float] = {}
+        self.calls: dict[str, list[float]] = defaultdict(list)
+        self.marks: list[float] = []
+        self._depth = 0
+
+    def _now(self) -> float:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        return time.perf_counter()
+
+    @contextmanager
+    def stage(self, name: str, key: Optional[str] = None) -> Iterator[None]:
+        """Time the block into stage `name` (and its call list `key`); nested blocks count once, outermost."""
+        if not self.active or self._depth:
+            yield
+            return
+        start = self._now()
+        self._depth += 1
+        try:
+            yield
+        finally:
+            self._depth -= 1
+            elapsed = self._now() - start
+            self.stages[name] = self.stages.get(name, 0.0) + elapsed
+            self.calls[key or name].append(elapsed)
+
+    def wrap(self, obj: Any, attr: str, stage: str, key: Optional[str] = None) -> None:
+        """Time every call of obj.attr from now on (an instance attribute shadows the method)."""
+        fn = getattr(obj, attr)
+
+        @functools.wraps(fn)
+        def timed(*args: Any, **kwargs: Any) -> Any:
+            with self.stage(stage, key):
+                return fn(*args, **kwargs)
+
+        setattr(obj, attr, timed)
+
+    def step(self, index: int, timestep: torch.Tensor) -> None:
+        """Engine.generate's on_step callback: the end time of each step."""
+        if self.active:
+            self.marks.append(self._now())
+
+
+@dataclass
+class Output:
+    """What one run produced; images are arrays or PIL images, converted only after the clock stops."""
+
+    images: Sequence[Any]
+    flagged: list[bool]
+    stages: dict[str, float]
+    steps: list[float]
+
+
+@dataclass
+class Run:
+    seconds: float
+    output: Output
+    usage: Usage
+
+
+class Method(Protocol):
+    name: str
+    safety_checker: str
+    dtype: str
+
+    def setup(self) -> None: ...
+    def run(self) -> Output: ...
+    def close(self) -> None: ...
+
+
+class Ours:
+    """predict.Predictor as Cog drives it: setup() once, then predict() with its own defaults."""
+
+    name = "ours: predict()"
+
+    def __init__(self, settings: Settings, recorder: Recorder) -> None:
+        self.settings = settings
+        self.recorder = recorder
+        self.safety_checker = "?"
+        self.dtype = "?"
+        self.generation: Any = None
+
+    def setup(self) -> None:
+        os.environ[WEIGHTS_ENV] = str(self.settings.weights)
+        os.environ[DEVICE_ENV] = str(self.settings.device)
+        self.predictor = predict.Predictor()
+        self.predictor.setup()
+        engine = self.predictor.engine
+        self.dtype = str(engine.dtype).removeprefix("torch.")
+        generate = engine.generate
+
+        def observed(request: Request, on_step: Optional[Callable[[int, torch.Tensor], None]] = None) -> Any:
+            """Engine.generate as generate_files calls it, keeping the Generation and timing each step."""
+
+            def step(index: int, timestep: torch.Tensor) -> None:
+                self.recorder.step(index, timestep)
+                if on_step is not None:
+                    on_step(index, timestep)
+
+            self.generation = generate(request, on_step=step)
+            return self.generation
+
+        engine.generate = observed
+        self.kwargs = predict_inputs(self.settings)
+
+    def run(self) -> Output:
+        self.predictor.predict(**self.kwargs)
+        generation = self.generation
+        stages = dict(generation.timings)
+        self.safety_checker = "on" if "safety" in stages else "off"
+        return Output(
+            images=list(generation.pixels),
+            flagged=[bool(f) for f in getattr(generation, "nsfw", [])],
+            stages=stages,
+            steps=self._steps(stages),
+        )
+
+    def _steps(self, stages: dict[str, float]) -> list[float]:
+        """Per-step seconds from the callback's end times; step 1 is what the unet stage leaves over."""
+        marks = self.recorder.marks
+        if not marks or "unet" not in stages:
+            return []
+        later = [b - a for a, b in zip(marks, marks[1:], strict=False)]
+        return [stages["unet"] - (marks[-1] - marks[0]), *later]
+
+    def close(self) -> None:
+        if self.predictor.output_dir is not None:
+            shutil.rmtree(self.predictor.output_dir, ignore_errors=True)
+        del self.predictor, self.generation
+
+
+def predict_inputs(settings: Settings) -> dict[str, Any]:
+    """Every predict() input at its declared default (cog.Input wraps it), with the benchmark's own values.
+
+    Inputs added later (a safety-checker switch, say) are then benchmarked at their defaults, as served.
+    """
+    parameters = list(inspect.signature(predict.Predictor.predict).parameters.values())[1:]
+    defaults = {p.name: getattr(p.default, "default", p.default) for p in parameters}
+    return {
+        **defaults,
+        "prompt": settings.prompt,
+        "width": settings.size,
+        "height": settings.size,
+        "num_images": settings.batch,
+        "num_inference_steps": settings.steps,
+        "guidance_scale": GUIDANCE_SCALE,
+        "lcm_origin_steps": ORIGIN_STEPS,
+        "seed": settings.seed,
+        "fast_decode": settings.fast_decode,
+    }
+
+
+class Reference:
+    """diffusers' pipeline at its defaults for the device: fp16 + SDPA on CUDA, fp32 on CPU, checker on."""
+
+    name = "reference: diffusers"
+
+    def __init__(self, settings: Settings, recorder: Recorder) -> None:
+        self.settings = settings
+        self.recorder = recorder
+        self.safety_checker = "?"
+        self.dtype = "?"
+
+    def setup(self) -> None:
+        dtype = torch.float16 if self.settings.device.type == "cuda" else torch.float32
+        pipe = LatentConsistencyModelPipeline.from_pretrained(
+            self.settings.weights, local_files_only=True, use_safetensors=True, dtype=dtype
+        ).to(self.settings.device)
+        pipe.set_progress_bar_config(disable=True)
+        self.dtype = str(pipe.dtype).removeprefix("torch.")
+        self.safety_checker = (
+            "on (default)" if pipe.safety_checker is not None else "off (none in checkpoint)"
+        )
+        wrap = self.recorder.wrap
+        wrap(pipe, "encode_prompt", "text")
+        wrap(pipe.unet, "forward", "unet", "unet.forward")
+        wrap(pipe.scheduler, "step", "unet", "scheduler.step")
+        wrap(pipe.vae, "decode", "vae")
+        wrap(pipe, "run_safety_checker", "safety")
+        wrap(pipe.image_processor, "postprocess", "postprocess")
+        self.pipe = pipe
+        self.out_dir = Path(tempfile.mkdtemp(prefix="lcm-bench-reference-"))
+
+    def run(self) -> Output:
+        s = self.settings
+        result = self.pipe(
+            s.prompt,
+            height=s.size,
+            width=s.size,
+            num_inference_steps=s.steps,
+            original_inference_steps=ORIGIN_STEPS,
+            guidance_scale=GUIDANCE_SCALE,
+            num_images_per_prompt=s.batch,
+            generator=[torch.Generator("cpu").manual_seed(seed) for seed in s.seeds],
+            output_type="pil",
+        )
+        with self.recorder.stage("encode"):
+            for seed, image in zip(s.seeds, result.images, strict=True):
+                image.save(self.out_dir / f"reference-{seed}.png")
+        calls = self.recorder.calls
+        return Output(
+            images=result.images,
+            flagged=[bool(f) for f in result.nsfw_content_detected or []],
+            stages=dict(self.recorder.stages),
+            steps=[a + b for a, b in zip(calls["unet.forward"], calls["scheduler.step"], strict=False)],
+        )
+
+    def close(self) -> None:
+        shutil.rmtree(self.out_dir, ignore_errors=True)
+        del self.pipe
+
+
+@dataclass
+class Result:
+    """One method's numbers: timed runs for end to end, profiled runs for stages and steps."""
+
+    name: str
+    safety_checker: str
+    dtype: str
+    setup_seconds: float
+    setup_usage: Usage
+    timed: list[Run]
+    profiled: list[Run]
+
+    @property
+    def median(self) -> float:
+        return statistics.median(r.seconds for r in self.timed)
+
+    @property
+    def fastest(self) -> float:
+        return min(r.seconds for r in self.timed)
+
+    @property
+    def slowest(self) -> float:
+        return max(r.seconds for r in self.timed)
+
+    @property
+    def flagged(self) -> str:
+        """Images the safety checker flagged in the last timed run, or a dash when it did not run."""
+        output = self.timed[-1].output
+        return f"{sum(output.flagged)}/{len(output.images)}" if output.flagged else "–"
+
+    def run_peak(self, attr: str) -> Optional[int]:
+        """The largest peak above the run's start (Usage.host_peak or .gpu_peak) over every run."""
+        values = [getattr(r.usage, attr) for r in self.timed + self.profiled]
+        return None if None in values else max(values)
+
+    def stage_medians(self) -> dict[str, float]:
+        """Median per stage over the profiled runs, plus "other": end to end minus the stages."""
+        names = list(dict.fromkeys(name for r in self.profiled for name in r.output.stages))
+        medians = {n: statistics.median(r.output.stages.get(n, 0.0) for r in self.profiled) for n in names}
+        if names:
+            medians[report.OTHER] = statistics.median(
+                r.seconds - sum(r.output.stages.values()) for r in self.profiled
+            )
+        return medians
+
+    def step_medians(self) -> list[float]:
+        """Median per step index, when every profiled run recorded the same number of steps."""
+        counts = {len(r.output.steps) for r in self.profiled}
+        if len(counts) != 1 or not counts.pop():
+            return []
+        return [
+            statistics.median(steps) for steps in zip(*(r.output.steps for r in self.profiled), strict=True)
+        ]
+
+    def pixels(self) -> np.ndarray:
+        """The last timed run's images as one (N, H, W, 3) uint8 array."""
+        return np.stack([np.asarray(image) for image in self.timed[-1].output.images])
+
+    def max_difference(self, other: "Result") -> int:
+        """Largest per-channel difference between the two methods' last images, in 1/255 units."""
+        return int(np.abs(self.pixels().astype(np.int16) - other.pixels().astype(np.int16)).max())
+
+
+def one_run(method: Method, recorder: Recorder, watch: MemoryWatch, profile: bool) -> Run:
+    """One end-to-end run; the recorder is on only when profiling, the memory watch always."""
+    recorder.reset()
+    recorder.active = profile
+    watch.start()
+    start = time.perf_counter()
+    output = method.run()
+    seconds = time.perf_counter() - start
+    recorder.active = False
+    return Run(seconds, output, watch.stop())
+
+
+def rounds(
+    methods: Sequence[Method], count: int, recorder: Recorder, watch: MemoryWatch, profile: bool
+) -> list[list[Run]]:
+    """`count` rounds of one run per method, every other round in reverse order (ABBA); runs per method."""
+    runs: list[list[Run]] = [[] for _ in methods]
+    for i in range(count):
+        order = list(range(len(methods)))
+        for j in order if i % 2 == 0 else order[::-1]:
+            runs[j].append(one_run(methods[j], recorder, watch, profile))
+    return runs
+
+
+def warm_page_cache(weights: Path) -> None:
+    """Read every weight file once, so neither setup time pays for the first read from disk."""
+    for file in sorted(weights.rglob("*")):
+        if file.is_file():
+            with file.open("rb") as handle:
+                while handle.read(64 * 2**20):
+                    pass
+
+
+def quiet_libraries() -> None:
+    """Both loads print progress bars and the same warnings; the table is what matters."""
+    diffusers_logging.set_verbosity_error()
+    diffusers_logging.disable_progress_bar()
+    transformers_logging.set_verbosity_error()
+    transformers_logging.disable_progress_bar()
+
+
+def benchmark(settings: Settings) -> tuple[Result, Result]:
+    """Load ours, then the reference; warm both up; time them in rounds; profile (a separate pass on CUDA)."""
+    quiet_libraries()
+    warm_page_cache(settings.weights)
+    device = settings.device
+    recorder, watch = Recorder(device), MemoryWatch(device)
+    methods: list[Method] = [Ours(settings, recorder), Reference(settings, recorder)]
+    loaded: list[Method] = []
+    setups: list[tuple[float, Usage]] = []
+    try:
+        for method in methods:
+            _say(f"loading {method.name}")
+            release(device)
+            watch.start()
+            start = time.perf_counter()
+            method.setup()
+            seconds = time.perf_counter() - start
+            gc.collect()  # what the load holds, not garbage it has yet to collect (a state dict's mmap, say)
+            setups.append((seconds, watch.stop()))
+            loaded.append(method)
+        _say(f"{settings.warmup} warm-up and {settings.runs} timed rounds of {len(methods)} runs")
+        rounds(methods, settings.warmup, recorder, watch, profile=False)
+        synchronising = device.type == "cuda"
+        timed = rounds(methods, settings.runs, recorder, watch, profile=not synchronising)
+        if synchronising:
+            _say(f"{settings.runs} profiling rounds, synchronising at every stage and step")
+        profiled = rounds(methods, settings.runs, recorder, watch, profile=True) if synchronising else timed
+    finally:
+        for method in loaded:
+            method.close()
+        release(device)
+    ours, reference = (
+        Result(m.name, m.safety_checker, m.dtype, setup[0], setup[1], t, p)
+        for m, setup, t, p in zip(methods, setups, timed, profiled, strict=True)
+    )
+    return ours, reference
+
+
+def _say(message: str) -> None:
+    print(f"[bench] {message}", file=sys.stderr, flush=True)
+
+
+def resolve(args: argparse.Namespace) -> Settings:
+    """Defaults that need torch or the disk; the request is validated by the project's own rules first."""
+    device = pick_device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    Request.build(
+        predict.DEFAULT_PROMPT,
+        width=args.size,
+        height=args.size,
+        num_images=args.batch,
+        num_inference_steps=args.steps,
+        seed=SEED,
+    )
+    weights = args.weights
+    if weights is None:
+        weights = DEFAULT_WEIGHTS
+        if not weights.exists():
+            from lcm.synthetic import build_checkpoint
+
+            _say(f"building a full-size synthetic checkpoint in {weights} (about 25 s)")
+            build_checkpoint(weights, size="full")
+    runs = args.runs or (5 if device.type == "cuda" else 3)
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
+    return Settings(
+        device,
+        args.size,
+        args.steps,
+        args.batch,
+        check_weights(weights),
+        runs,
+        args.warmup,
+        fast_decode=args.fast_decode,
+    )
+
+
+def run_cli(args: argparse.Namespace, argv: list[str]) -> int:
+    """Resolve, run, print the table and the speedup line (last), append to RESULTS.md if asked."""
+    try:
+        settings = resolve(args)
+        ours, reference = benchmark(settings)
+    except LCMError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    table = report.table(settings, ours, reference)
+    speedup = f"speedup_vs_reference={reference.median / ours.median:.3f}"
+    print(table)
+    if args.record is not None:
+        report.append(args.record, settings, f"python -m bench {shlex.join(argv)}".strip(), table, speedup)
+        _say(f"appended to {args.record}")
+    print(speedup)
+    return 0

@@ -1,0 +1,216 @@
+"""The benchmark's table, the machine it ran on, and the section appended to RESULTS.md."""
+
+from __future__ import annotations
+
+import datetime
+import os
+import platform
+import subprocess
+from pathlib import Path
+from typing import TYPE_CHECKING, Optional
+
+import diffusers
+import numpy
+import PIL
+import torch
+import transformers
+
+from bench.memory import GIB
+
+if TYPE_CHECKING:
+    from bench.harness import Result, Settings
+
+ROOT = Path(__file__).resolve().parent.parent
+OTHER = "other"  # the stage row for end to end minus the measured stages
+# Instruction-set extensions that decide which CPU optimisations can pay off (bf16 and AMX above all).
+CPU_FLAGS = ("avx2", "fma", "avx512f", "avx512_vnni", "avx512_bf16", "amx_tile", "amx_bf16")
+
+
+def _cpu() -> str:
+    model, flags = platform.processor() or "unknown CPU", set()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            key, _, value = line.partition(":")
+            if key.strip() == "model name":
+                model = value.strip()
+            elif key.strip() == "flags":
+                flags = set(value.split())
+                break
+    except OSError:
+        pass
+    isa = " ".join(f for f in CPU_FLAGS if f in flags) or "none of " + " ".join(CPU_FLAGS)
+    return f"{model}, {os.cpu_count()} cores, torch threads {torch.get_num_threads()}, ISA: {isa}"
+
+
+def device_name(device: torch.device) -> str:
+    """The GPU's name and memory, or the CPU's model, cores and the extensions that matter here."""
+    if device.type == "cuda":
+        props = torch.cuda.get_device_properties(device)
+        return f"{props.name} ({props.total_memory / GIB:.0f} GiB, CUDA {torch.version.cuda}); host: {_cpu()}"
+    return _cpu()
+
+
+def versions() -> str:
+    return (
+        f"python {platform.python_version()}, torch {torch.__version__}, diffusers {diffusers.__version__}, "
+        f"transformers {transformers.__version__}, numpy {numpy.__version__}, Pillow {PIL.__version__}"
+    )
+
+
+def commit() -> str:
+    """The checkout the numbers belong to; -dirty when it has uncommitted changes."""
+    try:
+        done = subprocess.run(
+            ["git", "-C", str(ROOT), "describe", "--always", "--dirty"],
+            capture_output=True,
+            text=True,
+            timeout=10,
+        )
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+    return done.stdout.strip() or "unknown"
+
+
+def describe(settings: Settings) -> list[str]:
+    """What was run, where, on which versions."""
+    s = settings
+    return [
+        f"device: {s.device} — {device_name(s.device)}",
+        f"versions: {versions()}; commit {commit()}",
+        f"request: {s.size}x{s.size}, {s.steps} steps, batch {s.batch}, guidance 8.0, seed {s.seed}, "
+        f"prompt {s.prompt!r}",
+        f"runs: {s.warmup} warm-up + {s.runs} timed rounds (one run of each method per round); "
+        f"weights {s.weights}",
+        "load average at the end (1, 5, 15 min): "
+        + " ".join(f"{x:.2f}" for x in os.getloadavg())
+        + f" on {os.cpu_count()} cores (other processes make CPU timings noisy)",
+    ]
+
+
+def _seconds(value: Optional[float]) -> str:
+    return "–" if value is None else f"{value:.3f}"
+
+
+def _gib(value: Optional[int]) -> str:
+    return "–" if value is None else f"{value / GIB:.2f}"
+
+
+def _ratio(reference: Optional[float], ours: Optional[float]) -> str:
+    return f"{reference / ours:.2f}" if reference and ours else ""
+
+
+def _stage_order(ours: list[str], reference: list[str]) -> list[str]:
+    """Ours' stages in order; each stage only the reference has goes right after its predecessor there.
+
+    "other" (end to end minus the stages) comes last.
+    """
+    order = [name for name in ours if name != OTHER]
+    for i, name in enumerate(reference):
+        if name not in order and name != OTHER:
+            before = reference[i - 1] if i else None
+            order.insert(order.index(before) + 1 if before in order else len(order), name)
+    return [*order, OTHER] if OTHER in ours or OTHER in reference else order
+
+
+def table(settings: Settings, ours: Result, reference: Result) -> str:
+    """One Markdown table, methods as columns, then the notes that qualify it."""
+    pairs = [r.seconds / o.seconds for o, r in zip(ours.timed, reference.timed, strict=True)]
+    rows: list[tuple[str, str, str, str]] = [
+        ("safety checker", ours.safety_checker, reference.safety_checker, ""),
+        ("decoder", "TAESD (fast_decode)" if settings.fast_decode else "VAE", "VAE", ""),
+        ("dtype", ours.dtype, reference.dtype, ""),
+        (
+            "setup s (load; weights in page cache)",
+            _seconds(ours.setup_seconds),
+            _seconds(reference.setup_seconds),
+            _ratio(reference.setup_seconds, ours.setup_seconds),
+        ),
+        (
+            "**end to end s, median**",
+            f"**{ours.median:.3f}**",
+            f"**{reference.median:.3f}**",
+            f"**{reference.median / ours.median:.2f}**",
+        ),
+        (
+            "end to end s, min – max",
+            f"{ours.fastest:.3f} – {ours.slowest:.3f}",
+            f"{reference.fastest:.3f} – {reference.slowest:.3f}",
+            f"{min(pairs):.2f} – {max(pairs):.2f} per round",
+        ),
+        (
+            "images per s",
+            f"{settings.batch / ours.median:.3f}",
+            f"{settings.batch / reference.median:.3f}",
+            "",
+        ),
+    ]
+    ours_stages, reference_stages = ours.stage_medians(), reference.stage_medians()
+    ours_steps, reference_steps = ours.step_medians(), reference.step_medians()
+    for name in _stage_order(list(ours_stages), list(reference_stages)):
+        o, r = ours_stages.get(name), reference_stages.get(name)
+        rows.append((f"stage {name} s, median", _seconds(o), _seconds(r), _ratio(r, o)))
+        if name == "unet":
+            for i in range(max(len(ours_steps), len(reference_steps))):
+                o = ours_steps[i] if i < len(ours_steps) else None
+                r = reference_steps[i] if i < len(reference_steps) else None
+                rows.append((f"  step {i + 1} s, median", _seconds(o), _seconds(r), _ratio(r, o)))
+    places = [("host", "host RSS")] + ([("gpu", "GPU allocated")] if settings.device.type == "cuda" else [])
+    for key, label in places:
+        o_held, r_held = (
+            getattr(ours.setup_usage, f"{key}_held"),
+            getattr(reference.setup_usage, f"{key}_held"),
+        )
+        o_load, r_load = (
+            getattr(ours.setup_usage, f"{key}_peak"),
+            getattr(reference.setup_usage, f"{key}_peak"),
+        )
+        o_run, r_run = ours.run_peak(f"{key}_peak"), reference.run_peak(f"{key}_peak")
+        rows += [
+            (f"{label} GiB held after setup", _gib(o_held), _gib(r_held), ""),
+            (f"{label} GiB peak during setup, above its start", _gib(o_load), _gib(r_load), ""),
+            (f"{label} GiB peak during a run, above its start", _gib(o_run), _gib(r_run), ""),
+        ]
+    rows += [
+        ("images flagged by the checker (last run)", ours.flagged, reference.flagged, ""),
+        ("max pixel difference, ours vs reference", f"{ours.max_difference(reference)}/255", "", ""),
+    ]
+    header = ["", ours.name, reference.name, "reference / ours"]
+    lines = ["| " + " | ".join(header) + " |", "|---|---:|---:|---:|"]
+    lines += ["| " + " | ".join(row) + " |" for row in rows]
+    return "\n".join(lines + [""] + notes(settings, ours, reference))
+
+
+def notes(settings: Settings, ours: Result, reference: Result) -> list[str]:
+    """What a reader needs to read the table right: where stages come from, and any unlike comparison."""
+    if settings.device.type == "cuda":
+        source = (
+            f"a separate pass of {settings.runs} runs per method that synchronises the device at every "
+            "stage and step boundary (slightly slower than the timed runs)"
+        )
+    else:
+        source = "the timed runs themselves (on the CPU, recording a boundary is a clock read)"
+    lines = [
+        f"Stages and steps are medians over {source}; 'other' is end to end minus the stages. "
+        "Ours' unet stage and steps include the scheduler step; so do the reference's (UNet forward "
+        "+ scheduler.step per step). The reference's safety stage includes its own PIL conversion for "
+        "the feature extractor; its postprocess stage is the final tensor to PIL conversion.",
+    ]
+    if reference.safety_checker.startswith("on") and not ours.safety_checker.startswith("on"):
+        checker = reference.stage_medians().get("safety")
+        lines.append(
+            f"**NOTE: ours ran NO safety checker; the reference ran diffusers' default checker"
+            f"{f' ({checker:.3f} s median)' if checker is not None else ''}. "
+            "The speedup below compares ours against the reference default, checker included.**"
+        )
+    return lines
+
+
+def append(path: Path, settings: Settings, command: str, table_text: str, speedup: str) -> None:
+    """Add one dated section to the results log, newest last."""
+    now = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    s = settings
+    title = f"## {now} — {s.device.type}, {s.size}x{s.size}, {s.steps} steps, batch {s.batch}"
+    bullets = [f"- {line}" for line in describe(settings)] + [f"- command: `{command}`"]
+    section = "\n".join([title, "", *bullets, "", table_text, "", f"`{speedup}`", ""])
+    existing = path.read_text().rstrip("\n") + "\n\n" if path.exists() else ""
+    path.write_text(existing + section)

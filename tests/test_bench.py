@@ -1,0 +1,45 @@
+"""The benchmark harness runs end to end (tiny checkpoint) and ends with its speedup line."""
+
+from __future__ import annotations
+
+import re
+import subprocess
+import sys
+
+from cogserver import ROOT
+
+
+def test_bench_runs_and_ends_with_the_speedup_line(tiny_checkpoint, tmp_path):
+    results = tmp_path / "RESULTS.md"
+    out = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "bench",
+            "--device",
+            "cpu",
+            "--size",
+            "256",
+            "--steps",
+            "2",
+            "--runs",
+            "1",
+            "--warmup",
+            "0",
+            "--fast-decode",
+            "--weights",
+            str(tiny_checkpoint),
+            "--record",
+            str(results),
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=True,
+    ).stdout
+    last = out.strip().splitlines()[-1]
+    assert re.fullmatch(r"speedup_vs_reference=\d+\.\d+", last), last
+    assert "TAESD (fast_decode)" in out and "max pixel difference" in out
+    recorded = results.read_text()
+    assert "python -m bench" in recorded and last in recorded
