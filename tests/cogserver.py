@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import re
@@ -14,9 +15,22 @@ import urllib.error
 import urllib.request
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
+from types import ModuleType
 from typing import Any, Optional
 
 ROOT = Path(__file__).resolve().parent.parent
+
+
+def cog_schema_module() -> ModuleType:
+    """scripts/cog_schema.py (the OpenAPI generator), a script beside its CLI rather than a package."""
+    if "cog_schema" not in sys.modules:
+        spec = importlib.util.spec_from_file_location("cog_schema", ROOT / "scripts" / "cog_schema.py")
+        module = importlib.util.module_from_spec(spec)
+        sys.modules["cog_schema"] = module
+        spec.loader.exec_module(module)
+    return sys.modules["cog_schema"]
+
+
 TERMINAL = {"succeeded", "failed", "canceled"}
 # Cog frees a prediction slot a few milliseconds after it answers, so a request sent right after
 # a response can get 409 "At capacity"; a client (like Replicate's) retries for this long.

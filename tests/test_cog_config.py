@@ -10,14 +10,14 @@ import importlib.metadata
 import importlib.util
 import json
 import re
-import sys
 from pathlib import Path
-from types import ModuleType
 from typing import Any
 
 import jsonschema
 import pytest
 import yaml
+
+from cogserver import cog_schema_module
 
 ROOT = Path(__file__).resolve().parent.parent
 DATA = Path(__file__).resolve().parent / "data"
@@ -29,16 +29,6 @@ RESERVED_ENV = (
 # Installed by cog build itself; pinning them here would fight its own install.
 COG_INSTALLED = {"cog", "coglet"}
 PIN = re.compile(r"(?P<name>[A-Za-z0-9][A-Za-z0-9._-]*)==(?P<version>[A-Za-z0-9.+!_-]+)")
-
-
-def _cog_schema() -> ModuleType:
-    """scripts/cog_schema.py, which is a script beside its CLI rather than a package."""
-    if "cog_schema" not in sys.modules:
-        spec = importlib.util.spec_from_file_location("cog_schema", ROOT / "scripts" / "cog_schema.py")
-        module = importlib.util.module_from_spec(spec)
-        sys.modules["cog_schema"] = module
-        spec.loader.exec_module(module)
-    return sys.modules["cog_schema"]
 
 
 def _config() -> dict[str, Any]:
@@ -100,7 +90,7 @@ def test_cog_yaml_builds_a_gpu_image_from_requirements() -> None:
 
 
 def test_schema_generator_defaults_to_the_predictor_cog_yaml_names() -> None:
-    assert _config()["predict"] == _cog_schema().DEFAULT_PREDICTOR
+    assert _config()["predict"] == cog_schema_module().DEFAULT_PREDICTOR
 
 
 @pytest.mark.parametrize(

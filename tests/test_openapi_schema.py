@@ -20,25 +20,16 @@ import urllib.error
 import urllib.request
 import warnings
 from pathlib import Path
-from types import ModuleType
 from typing import Any, Iterator
 
 import pytest
 
+from cogserver import cog_schema_module
+
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def _cog_schema() -> ModuleType:
-    """scripts/cog_schema.py, which is a script beside its CLI rather than a package."""
-    if "cog_schema" not in sys.modules:
-        spec = importlib.util.spec_from_file_location("cog_schema", ROOT / "scripts" / "cog_schema.py")
-        module = importlib.util.module_from_spec(spec)
-        sys.modules["cog_schema"] = module
-        spec.loader.exec_module(module)
-    return sys.modules["cog_schema"]
-
-
-cog_schema = _cog_schema()
+cog_schema = cog_schema_module()
 
 
 def _generate(body: str, header: str = "") -> dict[str, Any]:
