@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import argparse
 import functools
-import gc
 import inspect
 import os
 import shlex
@@ -414,7 +413,7 @@ def benchmark(settings: Settings) -> tuple[Result, Result]:
             start = time.perf_counter()
             method.setup()
             seconds = time.perf_counter() - start
-            gc.collect()  # what the load holds, not garbage it has yet to collect (a state dict's mmap, say)
+            release(device)  # what the load holds, not garbage or freed pages the allocator kept
             setups.append((seconds, watch.stop()))
             loaded.append(method)
         _say(f"{settings.warmup} warm-up and {settings.runs} timed rounds of {len(methods)} runs")
