@@ -482,7 +482,7 @@ def run_cli(args: argparse.Namespace, argv: list[str]) -> int:
         return 2
     table = report.table(settings, ours, reference)
     speedup = f"speedup_vs_reference={reference.median / ours.median:.3f}"
-    print(table)
+    print("\n".join([*report.describe(settings), "", table]))
     if args.record is not None:
         report.append(args.record, settings, f"python -m bench {shlex.join(argv)}".strip(), table, speedup)
         _say(f"appended to {args.record}")

@@ -80,7 +80,7 @@ def describe(settings: Settings) -> list[str]:
         f"request: {s.size}x{s.size}, {s.steps} steps, batch {s.batch}, guidance 8.0, seed {s.seed}, "
         f"prompt {s.prompt!r}",
         f"runs: {s.warmup} warm-up + {s.runs} timed rounds (one run of each method per round); "
-        f"weights {s.weights}",
+        f"weights {s.weights}; OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY', 'unset')}",
         "load average at the end (1, 5, 15 min): "
         + " ".join(f"{x:.2f}" for x in os.getloadavg())
         + f" on {os.cpu_count()} cores (other processes make CPU timings noisy)",
