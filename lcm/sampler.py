@@ -48,7 +48,6 @@ class StepPlan:
     noise, drawn up front in diffusers' order and copied to the device once.
     """
 
-    timesteps: torch.Tensor  # on the device, fed to the UNet
     sample_scale: list[float]  # 1 / sqrt(alpha_t)
     model_scale: list[float]  # sqrt(1 - alpha_t) / sqrt(alpha_t)
     c_skip: list[float]
@@ -92,7 +91,6 @@ def plan_steps(scheduler: LCMScheduler, generators: list[torch.Generator], laten
             host = host.pin_memory()
         noise = host.to(latents.device, non_blocking=True)
     return StepPlan(
-        timesteps=scheduler.timesteps,
         sample_scale=values["sample"],
         model_scale=values["model"],
         c_skip=values["skip"],
@@ -129,7 +127,7 @@ def sample(
         prompt_embeds = prompt_embeds.expand(batch, -1, -1)
     plan = plan_steps(scheduler, generators, latents) if fused and fused_step_supported(scheduler) else None
     denoised = latents
-    for i, t in enumerate(scheduler.timesteps if plan is None else plan.timesteps):
+    for i, t in enumerate(scheduler.timesteps):  # on the device: the UNet takes them without a copy
         model_pred = unet(
             latents,
             t,
