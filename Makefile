@@ -61,8 +61,13 @@ generate-synthetic: synthetic
 schema: venv
 	$(PY) scripts/openapi-schema
 
+# One glibc arena: Cog calls predict() on threads of its own, and a thread's arena unmaps what it
+# frees, so LCM_HOLD_MEMORY keeps less; with one arena a 256 px CPU request went from 11.6 to 10.7 s.
+MALLOC_ARENA_MAX ?= 1
+
 serve: schema
 	PATH="$(abspath $(VENV))/bin:$$PATH" PORT=$(PORT) COG_PREDICT_TYPE_STUB=predict.py:Predictor \
+	  MALLOC_ARENA_MAX=$(MALLOC_ARENA_MAX) \
 	  $(PY) -m cog.server.http --host 127.0.0.1
 
 clean:

@@ -35,6 +35,7 @@ from transformers.utils import logging as transformers_logging
 import predict
 from bench import DEFAULT_WEIGHTS, report
 from bench.memory import MemoryWatch, Usage, release
+from lcm import accel
 from lcm.errors import LCMError
 from lcm.loading import DEVICE_ENV, pick_device
 from lcm.params import Request
@@ -146,6 +147,7 @@ class Method(Protocol):
     dtype: str
 
     def setup(self) -> None: ...
+    def enter(self) -> None: ...
     def run(self) -> Output: ...
     def close(self) -> None: ...
 
@@ -184,6 +186,12 @@ class Ours:
 
         engine.generate = observed
         self.kwargs = predict_inputs(self.settings)
+        self.hold_memory = engine.accel.hold_memory
+
+    def enter(self) -> None:
+        """The allocator as the service leaves it: the reference's turn may have reset it."""
+        if self.hold_memory:
+            accel.hold_freed_memory(True)
 
     def run(self) -> Output:
         self.predictor.predict(**self.kwargs)
@@ -263,6 +271,10 @@ class Reference:
         self.pipe = pipe
         self.out_dir = Path(tempfile.mkdtemp(prefix="lcm-bench-reference-"))
 
+    def enter(self) -> None:
+        """glibc's allocator as a default process has it, whatever ours set (process-wide) in its turn."""
+        accel.hold_freed_memory(False)
+
     def run(self) -> Output:
         s = self.settings
         result = self.pipe(
@@ -322,8 +334,8 @@ class Result:
         output = self.timed[-1].output
         return f"{sum(output.flagged)}/{len(output.images)}" if output.flagged else "–"
 
-    def run_peak(self, attr: str) -> Optional[int]:
-        """The largest peak above the run's start (Usage.host_peak or .gpu_peak) over every run."""
+    def run_max(self, attr: str) -> Optional[int]:
+        """The largest value of a Usage attribute (host_peak, gpu_held, ...) over every run."""
         values = [getattr(r.usage, attr) for r in self.timed + self.profiled]
         return None if None in values else max(values)
 
@@ -357,6 +369,7 @@ class Result:
 
 def one_run(method: Method, recorder: Recorder, watch: MemoryWatch, profile: bool) -> Run:
     """One end-to-end run; the recorder is on only when profiling, the memory watch always."""
+    method.enter()
     recorder.reset()
     recorder.active = profile
     watch.start()

@@ -164,11 +164,13 @@ def table(settings: Settings, ours: Result, reference: Result) -> str:
             getattr(ours.setup_usage, f"{key}_peak"),
             getattr(reference.setup_usage, f"{key}_peak"),
         )
-        o_run, r_run = ours.run_peak(f"{key}_peak"), reference.run_peak(f"{key}_peak")
+        o_run, r_run = ours.run_max(f"{key}_peak"), reference.run_max(f"{key}_peak")
+        o_kept, r_kept = ours.run_max(f"{key}_held"), reference.run_max(f"{key}_held")
         rows += [
             (f"{label} GiB held after setup", _gib(o_held), _gib(r_held), ""),
             (f"{label} GiB peak during setup, above its start", _gib(o_load), _gib(r_load), ""),
             (f"{label} GiB peak during a run, above its start", _gib(o_run), _gib(r_run), ""),
+            (f"{label} GiB still held after a run, above its start", _gib(o_kept), _gib(r_kept), ""),
         ]
     rows += [
         ("images flagged by the checker (last run)", ours.flagged, reference.flagged, ""),

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import resource
 from types import SimpleNamespace
 
 import numpy as np
@@ -19,6 +20,7 @@ OFF = {
     "LCM_FUSE_QKV": "0",
     "LCM_COMPILE": "0",
     "LCM_CUDA_GRAPHS": "0",
+    "LCM_HOLD_MEMORY": "0",
 }
 
 
@@ -88,7 +90,7 @@ def test_fused_step_equals_scheduler_step_on_latents(baseline):
     torch.testing.assert_close(runs[0], runs[1], rtol=1e-4, atol=1e-5)
 
 
-@pytest.mark.parametrize("setting", ["LCM_CHANNELS_LAST", "LCM_FUSE_QKV"])
+@pytest.mark.parametrize("setting", ["LCM_CHANNELS_LAST", "LCM_FUSE_QKV", "LCM_HOLD_MEMORY"])
 def test_layout_and_fusion_settings_keep_outputs(baseline, tiny_checkpoint, monkeypatch, setting):
     engine = load_with(tiny_checkpoint, monkeypatch, **{setting: "1"})
     assert max_diff(engine.generate(request()).pixels, baseline.generate(request()).pixels) <= 1
@@ -122,12 +124,49 @@ def test_compiled_unet_and_decoder_keep_outputs_and_bound_shapes(baseline, tiny_
 def test_cpu_defaults_and_cuda_policy():
     cpu = accel.Accel.from_env(torch.device("cpu"), torch.float32, SimpleNamespace(force_upcast=True))
     assert cpu.fused_step and cpu.channels_last and not (cpu.compile or cpu.cuda_graphs or cpu.fuse_qkv)
+    assert cpu.hold_memory == (accel._glibc() is not None)
     assert cpu.vae_dtype is None
     assert (
         accel.vae_dtype(torch.device("cpu"), torch.float16, SimpleNamespace(force_upcast=True))
         == torch.float32
     )
     assert accel.vae_dtype(torch.device("cpu"), torch.float16, SimpleNamespace(force_upcast=False)) is None
+
+
+def test_cuda_leaves_the_allocator_alone_and_the_switch_turns_holding_off(monkeypatch):
+    config = SimpleNamespace(force_upcast=True)
+    assert not accel.Accel.from_env(torch.device("cuda"), torch.float16, config).hold_memory
+    monkeypatch.setenv("LCM_HOLD_MEMORY", "0")
+    assert not accel.Accel.from_env(torch.device("cpu"), torch.float32, config).hold_memory
+
+
+def _faults_of_a_fresh_buffer(nbytes: int) -> int:
+    """Minor page faults while a float32 buffer is allocated, every page written, and freed."""
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    torch.ones(nbytes // 4)
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before
+
+
+@pytest.mark.skipif(accel._glibc() is None, reason="mallopt is glibc's: Linux with glibc only")
+def test_held_memory_is_reused_without_page_faults():
+    nbytes = 64 * 2**20  # above glibc's 32 MiB ceiling for heap buffers
+    pages = nbytes // resource.getpagesize()
+
+    def fewest_faults() -> int:
+        """After a few buffers settle the heap's layout, the fewest faults one more buffer takes."""
+        for _ in range(3):
+            _faults_of_a_fresh_buffer(nbytes)
+        return min(_faults_of_a_fresh_buffer(nbytes) for _ in range(3))
+
+    try:
+        assert accel.hold_freed_memory(False)
+        mapped_afresh = fewest_faults()
+        assert accel.hold_freed_memory(True)
+        held = fewest_faults()
+    finally:
+        accel.hold_freed_memory(False)
+    assert held < pages // 20, (held, pages)
+    assert mapped_afresh > 10 * held, (mapped_afresh, held)
 
 
 @pytest.mark.parametrize("name,value", [("LCM_COMPILE", "maybe"), ("LCM_VAE_DTYPE", "int8")])
