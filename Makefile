@@ -62,7 +62,7 @@ schema: venv
 	$(PY) scripts/openapi-schema
 
 # One glibc arena: Cog calls predict() on threads of its own, and a thread's arena unmaps what it
-# frees, so LCM_HOLD_MEMORY keeps less; with one arena a 256 px CPU request went from 11.6 to 10.7 s.
+# frees, so LCM_HOLD_MEMORY keeps less; with one arena a 256 px CPU request went from 11.6 to 10.8 s.
 MALLOC_ARENA_MAX ?= 1
 
 serve: schema

@@ -128,6 +128,8 @@ def hold_freed_memory(on: bool) -> bool:
     on first touch. A CPU request allocates gigabytes of activations, about 600,000 page faults per
     UNet pass and VAE decode at 256x256: holding the memory made the UNet 17% and the VAE 5% faster
     (bench/RESULTS.md). The price is that the process keeps its peak working set between requests.
+    A thread's own arena still unmaps a heap that falls wholly free: where predict() runs on
+    threads other than the main one (Cog's server), MALLOC_ARENA_MAX=1 in the environment keeps it.
     Off is glibc's sliding threshold where it settles once large buffers have been freed, with the
     held memory given back. Returns False, changing nothing, where the C library is not glibc.
     """
