@@ -13,7 +13,7 @@ OUT ?= out
 SYNTHETIC_DIR ?= weights/synthetic
 export LCM_WEIGHTS_DIR
 
-.PHONY: venv test soak bench lint generate generate-synthetic weights synthetic schema serve clean
+.PHONY: venv test soak bench lint generate generate-synthetic weights synthetic schema serve device-wheels clean
 
 venv: $(VENV)/.installed
 
@@ -69,6 +69,19 @@ serve: schema
 	PATH="$(abspath $(VENV))/bin:$$PATH" PORT=$(PORT) COG_PREDICT_TYPE_STUB=predict.py:Predictor \
 	  MALLOC_ARENA_MAX=$(MALLOC_ARENA_MAX) \
 	  $(PY) -m cog.server.http --host 127.0.0.1
+
+# Wheels for a lent GPU machine (the device tool: Python 3.12, torch 2.11 and most libraries already
+# there, no network): the pinned packages its image lacks or has at another version, and structlog,
+# which cog needs and the image lacks, into .whl/ (git- and docker-ignored). The image's own
+# huggingface_hub, tokenizers, safetensors, Pillow and numpy satisfy the rest (bench/README.md).
+DEVICE_PINS := diffusers transformers cog coglet structlog
+device-wheels: venv
+	rm -rf .whl
+	$(PY) -m pip download -q --no-deps --only-binary=:all: -d .whl \
+	  --python-version 3.12 --implementation cp --platform manylinux_2_28_x86_64 \
+	  --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \
+	  $$($(PY) -m pip freeze | grep -iE '^($(subst $() ,|,$(DEVICE_PINS)))==')
+	@ls .whl && du -sh .whl
 
 clean:
 	rm -rf $(VENV) .cog .pytest_cache .ruff_cache
