@@ -78,7 +78,7 @@ class Accel:
             compile=_flag("LCM_COMPILE", cuda),
             cuda_graphs=cuda and _flag("LCM_CUDA_GRAPHS", True),
             warmup=_flag("LCM_WARMUP", True),
-            hold_memory=_flag("LCM_HOLD_MEMORY", not cuda) and _glibc() is not None,
+            hold_memory=_flag("LCM_HOLD_MEMORY", not cuda) and glibc() is not None,
             vae_dtype=vae_dtype(device, dtype, vae_config),
         )
 
@@ -112,7 +112,7 @@ def vae_dtype(device: torch.device, dtype: torch.dtype, vae_config: Any) -> Opti
 
 
 @functools.cache
-def _glibc() -> Optional[ctypes.CDLL]:
+def glibc() -> Optional[ctypes.CDLL]:
     """The process's C library where it is glibc (mallopt and malloc_trim), else None (macOS, musl)."""
     if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
         return None
@@ -133,7 +133,7 @@ def hold_freed_memory(on: bool) -> bool:
     Off is glibc's sliding threshold where it settles once large buffers have been freed, with the
     held memory given back. Returns False, changing nothing, where the C library is not glibc.
     """
-    libc = _glibc()
+    libc = glibc()
     if libc is None:
         return False
     if on:

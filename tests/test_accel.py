@@ -124,7 +124,7 @@ def test_compiled_unet_and_decoder_keep_outputs_and_bound_shapes(baseline, tiny_
 def test_cpu_defaults_and_cuda_policy():
     cpu = accel.Accel.from_env(torch.device("cpu"), torch.float32, SimpleNamespace(force_upcast=True))
     assert cpu.fused_step and cpu.channels_last and not (cpu.compile or cpu.cuda_graphs or cpu.fuse_qkv)
-    assert cpu.hold_memory == (accel._glibc() is not None)
+    assert cpu.hold_memory == (accel.glibc() is not None)
     assert cpu.vae_dtype is None
     assert (
         accel.vae_dtype(torch.device("cpu"), torch.float16, SimpleNamespace(force_upcast=True))
@@ -147,7 +147,7 @@ def _faults_of_a_fresh_buffer(nbytes: int) -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before
 
 
-@pytest.mark.skipif(accel._glibc() is None, reason="mallopt is glibc's: Linux with glibc only")
+@pytest.mark.skipif(accel.glibc() is None, reason="mallopt is glibc's: Linux with glibc only")
 def test_held_memory_is_reused_without_page_faults():
     nbytes = 64 * 2**20  # above glibc's 32 MiB ceiling for heap buffers
     pages = nbytes // resource.getpagesize()
