@@ -186,11 +186,10 @@ class Ours:
 
         engine.generate = observed
         self.kwargs = predict_inputs(self.settings)
-        self.hold_memory = engine.accel.hold_memory
 
     def enter(self) -> None:
         """The allocator as the service leaves it: the reference's turn may have reset it."""
-        if self.hold_memory:
+        if self.predictor.engine.accel.hold_memory:
             accel.hold_freed_memory(True)
 
     def run(self) -> Output:

@@ -6,14 +6,14 @@ the GPU's from the caching allocator's peak statistics.
 
 from __future__ import annotations
 
-import ctypes
-import ctypes.util
 import gc
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
 import torch
+
+from lcm import accel
 
 CLEAR_REFS = Path("/proc/self/clear_refs")
 STATUS = Path("/proc/self/status")
@@ -42,17 +42,16 @@ def _reset_host_peak() -> bool:
 def release(device: torch.device) -> None:
     """Give freed memory back, so the next load starts from a tidy process.
 
-    glibc keeps freed heap pages unless asked (malloc_trim); large tensors are mmapped and go back anyway.
+    glibc keeps freed heap pages unless asked (malloc_trim), all the more when ours holds them
+    (LCM_HOLD_MEMORY).
     """
     gc.collect()
     if device.type == "cuda":
         torch.cuda.synchronize(device)
         torch.cuda.empty_cache()
-    libc_name = ctypes.util.find_library("c")
-    if libc_name:
-        libc = ctypes.CDLL(libc_name)
-        if hasattr(libc, "malloc_trim"):
-            libc.malloc_trim(0)
+    libc = accel.glibc()
+    if libc is not None:
+        libc.malloc_trim(0)
 
 
 @dataclass(frozen=True)
