@@ -27,24 +27,28 @@ from diffusers import (  # noqa: E402
 )
 from diffusers.pipelines.stable_diffusion.safety_checker import StableDiffusionSafetyChecker  # noqa: E402
 from safetensors import SafetensorError, safe_open  # noqa: E402
-from transformers import CLIPImageProcessor, CLIPTextModel, CLIPTokenizer  # noqa: E402
+from transformers import CLIPImageProcessor, CLIPImageProcessorPil, CLIPTextModel, CLIPTokenizer  # noqa: E402
 
 from lcm.errors import LCMError, WeightsError  # noqa: E402
-from lcm.weights import CONFIG_FILES, WEIGHT_FILES, check_weights, fill_commands  # noqa: E402
+from lcm.weights import WEIGHT_FILES, check_weights, config_files, fill_commands  # noqa: E402
 
 DEVICE_ENV = "LCM_DEVICE"
 INDEX_NAME = "model_index.json"
 
 # The only classes a component may be, keyed as model_index.json names them: the index chooses
-# among these and never makes us import anything else.
-COMPONENT_CLASSES: dict[str, tuple[str, str, type]] = {
-    "unet": ("diffusers", "UNet2DConditionModel", UNet2DConditionModel),
-    "vae": ("diffusers", "AutoencoderKL", AutoencoderKL),
-    "text_encoder": ("transformers", "CLIPTextModel", CLIPTextModel),
-    "safety_checker": ("stable_diffusion", "StableDiffusionSafetyChecker", StableDiffusionSafetyChecker),
-    "tokenizer": ("transformers", "CLIPTokenizer", CLIPTokenizer),
-    "feature_extractor": ("transformers", "CLIPImageProcessor", CLIPImageProcessor),
-    "scheduler": ("diffusers", "LCMScheduler", LCMScheduler),
+# among these and never makes us import anything else. save_pretrained names the feature extractor
+# CLIPImageProcessorPil where torchvision is missing (transformers 5 then falls back to that class).
+COMPONENT_CLASSES: dict[str, dict[tuple[str, str], type]] = {
+    "unet": {("diffusers", "UNet2DConditionModel"): UNet2DConditionModel},
+    "vae": {("diffusers", "AutoencoderKL"): AutoencoderKL},
+    "text_encoder": {("transformers", "CLIPTextModel"): CLIPTextModel},
+    "safety_checker": {("stable_diffusion", "StableDiffusionSafetyChecker"): StableDiffusionSafetyChecker},
+    "tokenizer": {("transformers", "CLIPTokenizer"): CLIPTokenizer},
+    "feature_extractor": {
+        ("transformers", "CLIPImageProcessor"): CLIPImageProcessor,
+        ("transformers", "CLIPImageProcessorPil"): CLIPImageProcessorPil,
+    },
+    "scheduler": {("diffusers", "LCMScheduler"): LCMScheduler},
 }
 TAESD_DIR = "taesd"
 TAESD_FILES = ("taesd/config.json", "taesd/diffusion_pytorch_model.safetensors")
@@ -77,12 +81,13 @@ def load_pipeline(
     broken download fails in milliseconds, before any weight is read.
     """
     path = check_weights(weights_dir)
-    index = _read_index(path)
+    index, classes = _read_index(path)
     for name in WEIGHT_FILES:
         check_safetensors(path, WEIGHT_FILES[name])
+    configs = config_files(path)
     components = {
-        name: _load_component(path, name, cls, CONFIG_FILES[name], WEIGHT_FILES.get(name), dtype)
-        for name, (_, _, cls) in COMPONENT_CLASSES.items()
+        name: _load_component(path, name, cls, configs[name], WEIGHT_FILES.get(name), dtype)
+        for name, cls in classes.items()
     }
     pipe = LatentConsistencyModelPipeline(
         **components, requires_safety_checker=bool(index.get("requires_safety_checker", True))
@@ -122,18 +127,22 @@ def check_safetensors(root: Path, name: str) -> None:
         raise WeightsError(f"{name} in {root} is truncated or corrupt: {exc}\n{fill_commands(root)}") from exc
 
 
-def _read_index(root: Path) -> dict[str, Any]:
-    """model_index.json, checked to name for each component the class this service loads."""
+def _read_index(root: Path) -> tuple[dict[str, Any], dict[str, type]]:
+    """model_index.json, checked to name for each component a class this service loads, and those classes."""
     try:
         index = json.loads((root / INDEX_NAME).read_text())
         if not isinstance(index, dict):
             raise ValueError("it is not a JSON object")
     except (OSError, ValueError) as exc:
         raise WeightsError(f"{INDEX_NAME} in {root} is not readable: {exc}\n{fill_commands(root)}") from exc
+    classes = {
+        name: next((cls for key, cls in accepted.items() if index.get(name) == list(key)), None)
+        for name, accepted in COMPONENT_CLASSES.items()
+    }
     wrong = [
-        f"  {name}: {index.get(name)!r}, expected {[library, class_name]!r}"
-        for name, (library, class_name, _) in COMPONENT_CLASSES.items()
-        if index.get(name) != [library, class_name]
+        f"  {name}: {index.get(name)!r}, expected " + " or ".join(repr(list(key)) for key in accepted)
+        for name, accepted in COMPONENT_CLASSES.items()
+        if classes[name] is None
     ]
     if wrong:
         raise WeightsError(
@@ -141,7 +150,7 @@ def _read_index(root: Path) -> dict[str, Any]:
             + "\n".join(wrong)
             + f"\n{fill_commands(root)}"
         )
-    return index
+    return index, classes
 
 
 def _load_component(

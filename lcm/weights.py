@@ -1,7 +1,8 @@
 """Where the weights live and how they are checked.
 
 The weights directory holds the diffusers layout of SimianLuo/LCM_Dreamshaper_v7 with every weight
-file under its standard (non-variant) name, so loading needs no `variant` argument. Only safetensors
+file under its standard (non-variant) name, so loading needs no `variant` argument, and its tokenizer
+in the hub's layout or in the one diffusers' save_pretrained writes. Only safetensors
 are ever loaded: pickle files (.bin, .ckpt, .pt, ...) can run code when unpickled.
 """
 
@@ -19,17 +20,30 @@ DEFAULT_WEIGHTS_DIR = Path(__file__).resolve().parent.parent / "weights"
 WEIGHTS_ENV = "LCM_WEIGHTS_DIR"
 MANIFEST_NAME = "manifest.json"
 
-# Required files per pipeline component, as paths inside the weights directory.
-CONFIG_FILES: dict[str, tuple[str, ...]] = {
-    "pipeline": ("model_index.json",),
-    "scheduler": ("scheduler/scheduler_config.json",),
-    "text_encoder": ("text_encoder/config.json",),
-    "tokenizer": (
+# The tokenizer in either of the two layouts CLIPTokenizer reads: the hub's, as
+# SimianLuo/LCM_Dreamshaper_v7 ships it, or the single tokenizer.json that save_pretrained writes
+# (transformers 5). CLIPTokenizer loads tokenizer.json whenever there is one, so its presence decides.
+TOKENIZER_JSON = "tokenizer/tokenizer.json"
+TOKENIZER_LAYOUTS: dict[str, tuple[str, ...]] = {
+    "hub": (
         "tokenizer/vocab.json",
         "tokenizer/merges.txt",
         "tokenizer/special_tokens_map.json",
         "tokenizer/tokenizer_config.json",
     ),
+    "save_pretrained": (TOKENIZER_JSON, "tokenizer/tokenizer_config.json"),
+}
+_TOKENIZER_FILES = {name for files in TOKENIZER_LAYOUTS.values() for name in files}
+_TOKENIZER_NOTE = "Either tokenizer layout is accepted: " + " or ".join(
+    f"the {layout} layout ({', '.join(files)})" for layout, files in TOKENIZER_LAYOUTS.items()
+)
+# Required files per pipeline component, as paths inside the weights directory; the tokenizer in the
+# hub layout, which is what a download fetches (config_files gives a directory's own).
+CONFIG_FILES: dict[str, tuple[str, ...]] = {
+    "pipeline": ("model_index.json",),
+    "scheduler": ("scheduler/scheduler_config.json",),
+    "text_encoder": ("text_encoder/config.json",),
+    "tokenizer": TOKENIZER_LAYOUTS["hub"],
     "unet": ("unet/config.json",),
     "vae": ("vae/config.json",),
     "safety_checker": ("safety_checker/config.json",),
@@ -41,10 +55,14 @@ WEIGHT_FILES: dict[str, str] = {
     "vae": "vae/diffusion_pytorch_model.safetensors",
     "safety_checker": "safety_checker/model.safetensors",
 }
-REQUIRED_FILES: tuple[str, ...] = (
-    *(name for names in CONFIG_FILES.values() for name in names),
-    *WEIGHT_FILES.values(),
-)
+
+
+def _required(configs: dict[str, tuple[str, ...]]) -> tuple[str, ...]:
+    return (*(name for names in configs.values() for name in names), *WEIGHT_FILES.values())
+
+
+# Every file of the hub layout: what a download fetches and records.
+REQUIRED_FILES: tuple[str, ...] = _required(CONFIG_FILES)
 PICKLE_SUFFIXES = (".bin", ".ckpt", ".pt", ".pth", ".pkl")
 FP16_VARIANT = "fp16"
 
@@ -55,6 +73,21 @@ def weights_dir(path: str | os.PathLike | None = None) -> Path:
     An empty string counts as unset, so an empty Cog `weights` argument or env var falls through.
     """
     return Path(path or os.environ.get(WEIGHTS_ENV) or DEFAULT_WEIGHTS_DIR).expanduser().resolve()
+
+
+def tokenizer_layout(path: str | os.PathLike | None = None) -> str:
+    """The key in TOKENIZER_LAYOUTS of the layout a weights directory's tokenizer is in."""
+    return "save_pretrained" if (weights_dir(path) / TOKENIZER_JSON).is_file() else "hub"
+
+
+def config_files(path: str | os.PathLike | None = None) -> dict[str, tuple[str, ...]]:
+    """CONFIG_FILES as a weights directory holds them: its tokenizer in the layout it is in."""
+    return {**CONFIG_FILES, "tokenizer": TOKENIZER_LAYOUTS[tokenizer_layout(path)]}
+
+
+def required_files(path: str | os.PathLike | None = None) -> tuple[str, ...]:
+    """Every file a weights directory must hold: REQUIRED_FILES, with the tokenizer in its own layout."""
+    return _required(config_files(path))
 
 
 def fill_commands(path: str | os.PathLike | None = None) -> str:
@@ -96,12 +129,15 @@ def _check_present(target: Path) -> Path:
     """Every required file is there and non-empty, and no weight exists only as a pickle."""
     if not target.is_dir():
         raise WeightsError(f"Weights directory {target} does not exist.\n{fill_commands(target)}")
-    problems = [problem for problem in (_missing_reason(target, name) for name in REQUIRED_FILES) if problem]
+    required = required_files(target)
+    problems = {name: problem for name in required if (problem := _missing_reason(target, name))}
     if problems:
-        listed = "\n".join(f"  {problem}" for problem in problems)
+        listed = "\n".join(f"  {problem}" for problem in problems.values())
+        if _TOKENIZER_FILES.intersection(problems):
+            listed += "\n" + _TOKENIZER_NOTE
         raise WeightsError(
             f"Weights directory {target} is incomplete, missing {len(problems)} of the "
-            f"{len(REQUIRED_FILES)} required files:\n{listed}\n{fill_commands(target)}"
+            f"{len(required)} required files:\n{listed}\n{fill_commands(target)}"
         )
     return target
 
@@ -190,7 +226,7 @@ def write_manifest(path: str | os.PathLike | None = None, source: str | None = N
     target = _check_present(weights_dir(path))
     files = {
         name: {"size": (target / name).stat().st_size, "sha256": _sha256(target / name)}
-        for name in REQUIRED_FILES
+        for name in required_files(target)
     }
     manifest = target / MANIFEST_NAME
     partial = manifest.with_name(MANIFEST_NAME + ".partial")
@@ -209,7 +245,7 @@ def verify_weights(path: str | os.PathLike | None = None) -> Path:
             "scripts/download-weights writes one; for files you trust, call lcm.weights.write_manifest."
         )
     bad = []
-    for name in REQUIRED_FILES:
+    for name in required_files(target):
         record = manifest["files"].get(name)
         if record is None:
             bad.append(f"  {name}: not in {MANIFEST_NAME}")

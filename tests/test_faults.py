@@ -127,6 +127,13 @@ BREAKAGES = {
         edit_config("model_index.json", unet=["os", "system"]),
         ["model_index.json", "unet: ['os', 'system'], expected ['diffusers', 'UNet2DConditionModel']"],
     ),
+    "foreign-feature-extractor-in-model-index": (
+        edit_config("model_index.json", feature_extractor=["transformers", "AutoImageProcessor"]),
+        [
+            "feature_extractor: ['transformers', 'AutoImageProcessor'], expected "
+            "['transformers', 'CLIPImageProcessor'] or ['transformers', 'CLIPImageProcessorPil']"
+        ],
+    ),
 }
 
 

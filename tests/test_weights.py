@@ -4,20 +4,27 @@ from __future__ import annotations
 
 import importlib.machinery
 import importlib.util
+import json
 import shutil
 from pathlib import Path
 
+import numpy as np
 import pytest
+from transformers import CLIPTokenizer
 
 from lcm.errors import WeightsError
 from lcm.weights import (
     DEFAULT_WEIGHTS_DIR,
     MANIFEST_NAME,
     REQUIRED_FILES,
+    TOKENIZER_JSON,
+    TOKENIZER_LAYOUTS,
     WEIGHT_FILES,
     check_weights,
     files_to_download,
+    required_files,
     select_files,
+    tokenizer_layout,
     verify_weights,
     weights_dir,
     write_manifest,
@@ -26,6 +33,12 @@ from lcm.weights import (
 SCRIPT = Path(__file__).resolve().parent.parent / "scripts" / "download-weights"
 REPO = "SimianLuo/LCM_Dreamshaper_v7"
 UNET = "unet/diffusion_pytorch_model.safetensors"
+# The files of a directory whose tokenizer is in save_pretrained's layout (tokenizer.json).
+SAVED_LAYOUT = (
+    *(name for name in REQUIRED_FILES if name not in TOKENIZER_LAYOUTS["hub"]),
+    *TOKENIZER_LAYOUTS["save_pretrained"],
+)
+EITHER_LAYOUT = "Either tokenizer layout is accepted"
 
 # The hub repo as it looks: fp32 and fp16 weights in safetensors and pickle form, plus a single-file
 # checkpoint, a README and images that the pipeline never needs.
@@ -125,6 +138,10 @@ def test_select_files_picks_fp16_safetensors_and_configs_only():
     assert select_files(REAL_LISTING) == EXPECTED_SELECTION
 
 
+def test_select_files_keeps_the_hub_tokenizer_layout_beside_a_tokenizer_json():
+    assert select_files([*REAL_LISTING, TOKENIZER_JSON]) == EXPECTED_SELECTION
+
+
 def test_select_files_falls_back_to_standard_safetensors():
     listing = [name for name in REAL_LISTING if ".fp16." not in name]
     selection = select_files(listing)
@@ -197,6 +214,7 @@ def test_check_weights_names_the_one_missing_file(tmp_path):
         check_weights(tmp_path)
     assert_actionable(str(caught.value), tmp_path, "tokenizer/merges.txt")
     assert UNET not in str(caught.value)
+    assert EITHER_LAYOUT in str(caught.value) and TOKENIZER_JSON in str(caught.value)
 
 
 def test_check_weights_counts_an_empty_file_as_missing(tmp_path):
@@ -205,6 +223,7 @@ def test_check_weights_counts_an_empty_file_as_missing(tmp_path):
     with pytest.raises(WeightsError, match="empty") as caught:
         check_weights(tmp_path)
     assert_actionable(str(caught.value), tmp_path, UNET)
+    assert EITHER_LAYOUT not in str(caught.value)  # the tokenizer is complete: no word about it
 
 
 def test_check_weights_rejects_a_pickle_only_unet(tmp_path):
@@ -215,6 +234,29 @@ def test_check_weights_rejects_a_pickle_only_unet(tmp_path):
         check_weights(tmp_path)
     assert_actionable(str(caught.value), tmp_path, UNET)
     assert "unet/diffusion_pytorch_model.bin" in str(caught.value)
+
+
+def test_check_weights_accepts_save_pretrained_tokenizer_layout(tmp_path):
+    fill(tmp_path, SAVED_LAYOUT)
+    assert tokenizer_layout(tmp_path) == "save_pretrained"
+    assert set(required_files(tmp_path)) == set(SAVED_LAYOUT)
+    assert check_weights(tmp_path) == tmp_path
+    (tmp_path / "tokenizer/tokenizer_config.json").unlink()
+    with pytest.raises(WeightsError, match=f"missing 1 of the {len(SAVED_LAYOUT)} required files") as caught:
+        check_weights(tmp_path)
+    assert_actionable(str(caught.value), tmp_path, "tokenizer/tokenizer_config.json")
+    assert EITHER_LAYOUT in str(caught.value) and "tokenizer/vocab.json" in str(caught.value)
+
+
+def test_a_tokenizer_json_decides_the_layout(tmp_path):
+    """CLIPTokenizer reads tokenizer.json whenever there is one, so the checks require and hash that."""
+    fill(tmp_path, {*REQUIRED_FILES, TOKENIZER_JSON})
+    assert tokenizer_layout(tmp_path) == "save_pretrained"
+    assert TOKENIZER_JSON in required_files(tmp_path)
+    assert "tokenizer/vocab.json" not in required_files(tmp_path)
+    (tmp_path / TOKENIZER_JSON).write_bytes(b"")
+    with pytest.raises(WeightsError, match=f"{TOKENIZER_JSON} \\(empty\\)"):
+        check_weights(tmp_path)
 
 
 def test_manifest_size_mismatch_is_named(tmp_path):
@@ -263,6 +305,67 @@ def test_files_to_download_trusts_only_the_same_source(tmp_path):
     write_manifest(tmp_path)
     assert files_to_download(tmp_path, f"{REPO}@main") == list(REQUIRED_FILES)
     assert files_to_download(tmp_path / "absent", f"{REPO}@main") == list(REQUIRED_FILES)
+
+
+# A checkpoint written by diffusers' own save_pretrained, not by lcm.synthetic.
+
+
+@pytest.fixture(scope="module")
+def saved_checkpoint(tiny_checkpoint, tmp_path_factory) -> Path:
+    from diffusers import LatentConsistencyModelPipeline
+
+    saved = tmp_path_factory.mktemp("saved") / "weights"
+    pipe = LatentConsistencyModelPipeline.from_pretrained(
+        tiny_checkpoint, local_files_only=True, use_safetensors=True
+    )
+    pipe.save_pretrained(saved)
+    return saved
+
+
+def test_save_pretrained_writes_the_other_layouts(saved_checkpoint):
+    """What the tests below rely on: save_pretrained's tokenizer.json and PIL image processor."""
+    assert tokenizer_layout(saved_checkpoint) == "save_pretrained"
+    assert not (saved_checkpoint / "tokenizer/vocab.json").exists()
+    index = json.loads((saved_checkpoint / "model_index.json").read_text())
+    assert index["feature_extractor"] == ["transformers", "CLIPImageProcessorPil"]
+
+
+def test_a_pipeline_saved_by_diffusers_loads_and_draws_the_same_images(saved_checkpoint, engine):
+    from lcm.engine import Engine
+    from lcm.params import Request
+
+    request = Request.build("a cat", width=256, height=256, seed=1, num_inference_steps=2)
+    saved = Engine.load(saved_checkpoint, device="cpu")
+    try:
+        assert type(saved.pipe.feature_extractor).__name__ == "CLIPImageProcessorPil"
+        assert np.array_equal(saved.generate(request).pixels, engine.generate(request).pixels)
+    finally:
+        saved.close()
+
+
+def test_a_tokenizer_json_is_what_clip_tokenizer_reads(saved_checkpoint, tiny_checkpoint, tmp_path):
+    """Beside the hub's vocab.json and merges.txt, tokenizer.json wins (tokenizer_layout relies on it)."""
+    both = tmp_path / "tokenizer"
+    shutil.copytree(saved_checkpoint / "tokenizer", both)
+    (both / "vocab.json").write_text('{"not": 0}')
+    (both / "merges.txt").write_text("#version: 0.2\n")
+    ids = CLIPTokenizer.from_pretrained(tiny_checkpoint / "tokenizer")("a cat on a mat").input_ids
+    assert CLIPTokenizer.from_pretrained(both)("a cat on a mat").input_ids == ids
+
+
+def test_manifest_and_verify_on_a_save_pretrained_directory(saved_checkpoint, tmp_path):
+    root = tmp_path / "weights"
+    shutil.copytree(saved_checkpoint, root)
+    write_manifest(root, "test")
+    recorded = json.loads((root / MANIFEST_NAME).read_text())["files"]
+    assert set(recorded) == set(SAVED_LAYOUT)
+    assert verify_weights(root) == root
+    data = bytearray((root / TOKENIZER_JSON).read_bytes())
+    data[-2] ^= 1
+    (root / TOKENIZER_JSON).write_bytes(bytes(data))
+    assert check_weights(root) == root  # same size: only the hash can tell
+    with pytest.raises(WeightsError, match=f"{TOKENIZER_JSON}: sha256 differs"):
+        verify_weights(root)
 
 
 # scripts/download-weights, against a fake hub that serves a local folder.
@@ -353,6 +456,18 @@ def test_download_fills_the_layout_then_downloads_nothing(tmp_path, script, hub,
     assert hub.downloaded == []
     assert load_checks == [target, target]
     assert "nothing to download" in capsys.readouterr().out
+
+
+def test_download_over_a_save_pretrained_directory_installs_the_hub_tokenizer(
+    tmp_path, script, hub, load_checks
+):
+    target = fill(tmp_path / "weights", SAVED_LAYOUT)
+    write_manifest(target, source="elsewhere")
+    assert script.main(["--dir", str(target)]) == 0
+    assert not (target / TOKENIZER_JSON).exists()  # it would be loaded instead of the hub's files
+    assert tokenizer_layout(target) == "hub"
+    assert (target / "tokenizer/vocab.json").read_text() == "hub file tokenizer/vocab.json\n"
+    verify_weights(target)
 
 
 def test_download_uses_lcm_weights_dir(tmp_path, script, hub, load_checks, monkeypatch):
