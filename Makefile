@@ -71,10 +71,12 @@ serve: schema
 	  $(PY) -m cog.server.http --host 127.0.0.1
 
 # Wheels for a lent GPU machine (the device tool: Python 3.12, torch 2.11 and most libraries already
-# there, no network): the pinned packages its image lacks or has at another version, and structlog,
-# which cog needs and the image lacks, into .whl/ (git- and docker-ignored). The image's own
-# huggingface_hub, tokenizers, safetensors, Pillow and numpy satisfy the rest (bench/README.md).
-DEVICE_PINS := diffusers transformers cog coglet structlog
+# there, no network): the pinned packages its image lacks or has at another version, structlog,
+# which cog needs and the image lacks, and psutil and PyYAML, which accelerate needs and the image
+# probably has (1 MB together, so not left to chance), into .whl/ (git- and docker-ignored). The
+# image's own huggingface_hub, tokenizers, safetensors, Pillow, numpy and packaging satisfy the rest
+# (bench/README.md).
+DEVICE_PINS := diffusers transformers accelerate cog coglet structlog psutil pyyaml
 device-wheels: venv
 	rm -rf .whl
 	$(PY) -m pip download -q --no-deps --only-binary=:all: -d .whl \

@@ -161,8 +161,15 @@ def _load_component(
     kwargs: dict[str, Any] = {"subfolder": name, "local_files_only": True}
     if weights:
         # Mismatches are collected rather than raised, so the message can name the files and shapes.
+        # low_cpu_mem_usage builds a diffusers model on the meta device and puts the file's tensors in
+        # place (it needs accelerate; without it diffusers first builds every module in memory, then
+        # copies the file over it); transformers 5 always loads so and ignores the flag.
         kwargs.update(
-            use_safetensors=True, dtype=dtype, output_loading_info=True, ignore_mismatched_sizes=True
+            use_safetensors=True,
+            dtype=dtype,
+            output_loading_info=True,
+            ignore_mismatched_sizes=True,
+            low_cpu_mem_usage=True,
         )
     try:
         loaded = cls.from_pretrained(root, **kwargs)
@@ -176,7 +183,7 @@ def _load_component(
     if not weights:
         return loaded
     model, info = loaded
-    problems = _load_problems(info)
+    problems = _load_problems(model, info)
     if problems:
         raise WeightsError(
             f"{configs[0]} does not match {weights} in {root}: "
@@ -186,8 +193,9 @@ def _load_component(
     return model
 
 
-def _load_problems(info: dict[str, Any]) -> list[str]:
-    """What left a model partly at random init: weights absent from the file or shaped otherwise."""
+def _load_problems(model: torch.nn.Module, info: dict[str, Any]) -> list[str]:
+    """What left a model partly at random init or unloaded: weights not in the file, of another shape,
+    or on the meta device, where low_cpu_mem_usage leaves whatever it did not load."""
     problems = []
     missing = sorted(info.get("missing_keys") or ())
     if missing:
@@ -200,4 +208,15 @@ def _load_problems(info: dict[str, Any]) -> list[str]:
             for key, found, wanted in mismatched[:SHOWN_KEYS]
         )
         problems.append(f"{len(mismatched)} weight(s) have another shape in the file (e.g. {shown})")
+    reported = {*missing, *(key for key, _, _ in mismatched)}
+    unloaded = [
+        key
+        for key, tensor in (*model.named_parameters(), *model.named_buffers())
+        if tensor.is_meta and key not in reported
+    ]
+    if unloaded:
+        shown = ", ".join(unloaded[:SHOWN_KEYS])
+        problems.append(
+            f"{len(unloaded)} weight(s) were never loaded, left on the meta device (e.g. {shown})"
+        )
     return problems

@@ -3,15 +3,20 @@
 from __future__ import annotations
 
 import json
+import logging
 import shutil
 import subprocess
 import sys
 from pathlib import Path
 from typing import Callable
 
+import accelerate
 import numpy as np
 import pytest
 import torch
+from diffusers import UNet2DConditionModel
+from diffusers.utils import is_accelerate_available
+from safetensors.torch import load_file, save_file
 
 from cogserver import ROOT, CogServer
 from fault_predictor import OOM_MARKER
@@ -21,6 +26,7 @@ from lcm.params import Request
 from lcm.weights import write_manifest
 
 UNET = "unet/diffusion_pytorch_model.safetensors"
+TEXT_ENCODER = "text_encoder/model.safetensors"
 SMALL = {"width": 256, "height": 256, "num_inference_steps": 1, "disable_safety_checker": True}
 CPU = torch.device("cpu")
 
@@ -97,6 +103,20 @@ def remove(name: str) -> Callable[[Path], None]:
     return remove_it
 
 
+def edit_weights(name: str, key: str, keep: int | None = None) -> Callable[[Path], None]:
+    """Drop one tensor from a safetensors file, or keep only its first `keep` rows."""
+
+    def edit(root: Path) -> None:
+        tensors = load_file(root / name)
+        if keep is None:
+            del tensors[key]
+        else:
+            tensors[key] = tensors[key][:keep].clone()
+        save_file(tensors, root / name)
+
+    return edit
+
+
 def truncate_after_manifest(root: Path) -> None:
     write_manifest(root, "test")
     truncate(root)
@@ -113,6 +133,38 @@ BREAKAGES = {
     "text-encoder-config-wants-more-layers": (
         edit_config("text_encoder/config.json", num_hidden_layers=6),
         ["text_encoder/config.json does not match text_encoder/model.safetensors", "not in the file"],
+    ),
+    # The weights file itself short of a tensor or with one mis-shaped, in a diffusers model (built on
+    # the meta device under low_cpu_mem_usage) and in a transformers one.
+    "unet-weight-not-in-file": (
+        edit_weights(UNET, "conv_in.bias"),
+        [
+            "unet/config.json does not match " + UNET,
+            "1 weight(s) the config needs are not in the file",
+            "conv_in.bias",
+        ],
+    ),
+    "unet-weight-misshaped": (
+        edit_weights(UNET, "conv_in.weight", keep=31),
+        [
+            "unet/config.json does not match " + UNET,
+            "conv_in.weight is (31, 4, 3, 3) in the file, (32, 4, 3, 3)",
+        ],
+    ),
+    "text-encoder-weight-not-in-file": (
+        edit_weights(TEXT_ENCODER, "embeddings.position_embedding.weight"),
+        [
+            "text_encoder/config.json does not match " + TEXT_ENCODER,
+            "1 weight(s) the config needs are not in the file",
+            "embeddings.position_embedding.weight",
+        ],
+    ),
+    "text-encoder-weight-misshaped": (
+        edit_weights(TEXT_ENCODER, "embeddings.token_embedding.weight", keep=548),
+        [
+            "text_encoder/config.json does not match " + TEXT_ENCODER,
+            "embeddings.token_embedding.weight is (548, 32) in the file, (549, 32) by the config",
+        ],
     ),
     "missing-vae": (remove("vae"), ["missing 2 of the", "vae/config.json", "vae/diffusion_pytorch_model"]),
     "unet-config-not-json": (
@@ -152,6 +204,54 @@ def test_broken_weights_name_the_file(tiny_checkpoint, tmp_path, breakage):
     for words in BREAKAGES[breakage][1]:
         assert words in str(caught.value)
     assert "download-weights" in str(caught.value)  # and how to fix it
+
+
+def test_a_weight_left_on_the_meta_device_is_refused_by_name(tiny_checkpoint, monkeypatch):
+    """What low_cpu_mem_usage did not load stays on `meta`: refused even when diffusers reports nothing."""
+    from_pretrained = UNet2DConditionModel.from_pretrained.__func__
+
+    def unloaded_conv_in(cls, *args, **kwargs):
+        model, info = from_pretrained(cls, *args, **kwargs)
+        model.conv_in.bias = torch.nn.Parameter(torch.empty_like(model.conv_in.bias, device="meta"))
+        return model, info
+
+    monkeypatch.setattr(UNet2DConditionModel, "from_pretrained", classmethod(unloaded_conv_in))
+    with pytest.raises(WeightsError) as caught:
+        load_pipeline(tiny_checkpoint, CPU, torch.float32)
+    assert f"unet/config.json does not match {UNET}" in str(caught.value)
+    assert "1 weight(s) were never loaded, left on the meta device (e.g. conv_in.bias)" in str(caught.value)
+
+
+class Records(logging.Handler):
+    def __init__(self) -> None:
+        super().__init__(logging.WARNING)
+        self.messages: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.messages.append(f"{record.name}: {record.getMessage()}")
+
+
+def test_loading_builds_each_model_once_from_its_file(tiny_checkpoint, monkeypatch):
+    """With accelerate, diffusers builds each model on the meta device and fills it from the file; without
+    it, it warns and first builds every module in memory. Nothing at load time may warn."""
+    assert is_accelerate_available(), "accelerate is pinned in requirements.txt; reinstall from it"
+    built_empty: list[bool] = []
+    empty = accelerate.init_empty_weights
+    monkeypatch.setattr(accelerate, "init_empty_weights", lambda: built_empty.append(True) or empty())
+    records = Records()
+    loggers = [logging.getLogger(name) for name in ("diffusers", "transformers")]
+    for logger in loggers:
+        logger.addHandler(records)
+    try:
+        pipe = load_pipeline(tiny_checkpoint, CPU, torch.float32)
+    finally:
+        for logger in loggers:
+            logger.removeHandler(records)
+    assert records.messages == []
+    assert len(built_empty) == 2  # the UNet and the VAE; transformers 5 always loads so
+    for name in ("unet", "vae", "text_encoder", "safety_checker"):
+        module = getattr(pipe, name)
+        assert not any(t.is_meta for t in (*module.parameters(), *module.buffers())), name
 
 
 def test_truncated_tiny_decoder_is_named_and_an_absent_one_is_allowed(tiny_checkpoint, tmp_path):
