@@ -35,15 +35,15 @@ def _config() -> dict[str, Any]:
     return yaml.safe_load((ROOT / "cog.yaml").read_text())
 
 
-def _requirement_lines() -> list[str]:
-    lines = (ROOT / "requirements.txt").read_text().splitlines()
+def _requirement_lines(name: str = "requirements.txt") -> list[str]:
+    lines = (ROOT / name).read_text().splitlines()
     return [line.strip() for line in lines if line.strip() and not line.strip().startswith("#")]
 
 
-def _pins() -> dict[str, str]:
+def _pins(name: str = "requirements.txt") -> dict[str, str]:
     return {
         match["name"].lower().replace("_", "-"): match["version"]
-        for match in map(PIN.fullmatch, _requirement_lines())
+        for match in map(PIN.fullmatch, _requirement_lines(name))
     }
 
 
@@ -118,6 +118,13 @@ def test_every_requirement_is_pinned_exactly() -> None:
 
 def test_cog_installs_its_own_sdk() -> None:
     assert COG_INSTALLED.isdisjoint(_pins())
+
+
+def test_image_sdk_is_the_cog_the_tests_run() -> None:
+    """Without build.sdk_version cog build installs the latest SDK; requirements-dev.txt pins the tests'."""
+    sdk = _config()["build"].get("sdk_version")
+    assert isinstance(sdk, str), "quote build.sdk_version in cog.yaml: a bare 0.23 would be a float"
+    assert sdk == _pins("requirements-dev.txt")["cog"]
 
 
 def test_torch_pin_is_one_cog_knows_cuda_wheels_for() -> None:
