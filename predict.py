@@ -109,9 +109,14 @@ class Predictor(BasePredictor):
             default=False,
         ),
     ) -> List[Path]:
-        """Generate images and return them as files, each carrying its generation parameters."""
+        """Generate images and return them as files, each carrying its generation parameters.
+
+        The engine's own thread does the work while this one (Cog's) waits: Cog's cancellation,
+        raised here, sets the request's cancel flag, and the engine stops at its next step.
+        """
         self._remove_previous_outputs()
         self.output_dir = tempfile.mkdtemp(prefix="lcm-")
+        job = None
         try:
             check_downloaded(image)
             request = Request.build(
@@ -131,8 +136,11 @@ class Predictor(BasePredictor):
                 safety_checker=not disable_safety_checker,
                 fast_decode=fast_decode,
             )
-            paths = self.engine.generate_files(request, self.output_dir)
+            job = self.engine.submit(request, self.output_dir)
+            paths = job.result()
         except BaseException:  # failed or cancelled: leave no partial files behind
+            if job is not None:
+                job.cancel_and_wait()  # the engine has let go of the directory before it goes
             self._remove_previous_outputs()
             raise
         return [Path(p) for p in paths]

@@ -145,6 +145,7 @@ class Method(Protocol):
     name: str
     safety_checker: str
     dtype: str
+    speed: str  # the speed settings it ran with
 
     def setup(self) -> None: ...
     def enter(self) -> None: ...
@@ -162,6 +163,7 @@ class Ours:
         self.recorder = recorder
         self.safety_checker = "?"
         self.dtype = "?"
+        self.speed = "?"
         self.generation: Any = None
 
     def setup(self) -> None:
@@ -171,9 +173,12 @@ class Ours:
         self.predictor.setup()
         engine = self.predictor.engine
         self.dtype = str(engine.dtype).removeprefix("torch.")
+        self.speed = engine.accel.describe()
         generate = engine.generate
 
-        def observed(request: Request, on_step: Optional[Callable[[int, torch.Tensor], None]] = None) -> Any:
+        def observed(
+            request: Request, on_step: Optional[Callable[[int, torch.Tensor], None]] = None, **kwargs: Any
+        ) -> Any:
             """Engine.generate as generate_files calls it, keeping the Generation and timing each step."""
 
             def step(index: int, timestep: torch.Tensor) -> None:
@@ -181,7 +186,7 @@ class Ours:
                 if on_step is not None:
                     on_step(index, timestep)
 
-            self.generation = generate(request, on_step=step)
+            self.generation = generate(request, on_step=step, **kwargs)
             return self.generation
 
         engine.generate = observed
@@ -243,6 +248,7 @@ class Reference:
     """diffusers' pipeline at its defaults for the device: fp16 + SDPA on CUDA, fp32 on CPU, checker on."""
 
     name = "reference: diffusers"
+    speed = "diffusers' defaults"
 
     def __init__(self, settings: Settings, recorder: Recorder) -> None:
         self.settings = settings
@@ -310,6 +316,7 @@ class Result:
     name: str
     safety_checker: str
     dtype: str
+    speed: str
     setup_seconds: float
     setup_usage: Usage
     timed: list[Run]
@@ -440,7 +447,7 @@ def benchmark(settings: Settings) -> tuple[Result, Result]:
             method.close()
         release(device)
     ours, reference = (
-        Result(m.name, m.safety_checker, m.dtype, setup[0], setup[1], t, p)
+        Result(m.name, m.safety_checker, m.dtype, m.speed, setup[0], setup[1], t, p)
         for m, setup, t, p in zip(methods, setups, timed, profiled, strict=True)
     )
     return ours, reference

@@ -1,16 +1,18 @@
-"""Speed settings, each with an off switch for debugging, read from the environment at load time.
+"""Speed settings, read from the environment at load time, each with a switch.
 
     LCM_FUSED_STEP=0      diffusers' scheduler.step instead of the host-planned step (sampler.plan_steps)
-    LCM_CHANNELS_LAST=0   keep the UNet and VAE in contiguous (NCHW) memory format
-    LCM_FUSE_QKV=0        keep separate query/key/value projections in attention
-    LCM_COMPILE=0         no torch.compile of the UNet and VAE decoder
-    LCM_CUDA_GRAPHS=0     compile without CUDA graphs (mode "default" instead of "reduce-overhead")
+    LCM_CHANNELS_LAST=0|1 the UNet and VAE in channels_last memory format (default: on for CPU)
+    LCM_FUSE_QKV=1        one fused query/key/value projection in attention (default: off)
+    LCM_COMPILE=1         torch.compile the UNet and VAE decoder in setup (default: off; lcm/compiling.py)
+    LCM_COMPILE_SIZES=... with LCM_COMPILE, the request sizes compiled in setup: WxH or WxHxN
+                          (N images), comma-separated, at most MAX_COMPILE_SIZES (default 768x768)
+    LCM_CUDA_GRAPHS=1     with LCM_COMPILE on CUDA, record CUDA graphs (mode "reduce-overhead")
     LCM_VAE_DTYPE=...     float16, bfloat16 or float32 for the VAE (default: see vae_dtype)
-    LCM_WARMUP=0          with LCM_COMPILE, compile on the first request instead of during setup
     LCM_HOLD_MEMORY=0     let glibc unmap freed activations and give its heap back (see hold_freed_memory)
 
-Defaults are what the benchmarks (bench/) support per device; the tests check every setting
-against the unoptimised path.
+A setting is on by default on a device only where a benchmark on that device (bench/RESULTS.md)
+shows it wins: channels_last and holding memory on CPU; nothing yet on CUDA beyond the host-planned
+step, which is device-agnostic. The tests check every setting against the unoptimised path.
 """
 
 from __future__ import annotations
@@ -21,19 +23,17 @@ import logging
 import os
 import platform
 from dataclasses import dataclass
-from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Any, Optional
 
 import torch
-import torch._inductor.config
 
-from lcm.errors import LCMError
+from lcm.errors import InputError, LCMError
+from lcm.params import DEFAULT_SIZE, Request
 
 log = logging.getLogger("lcm")
 
-COMPILE_CACHE_ENV = "LCM_COMPILE_CACHE"
-DEFAULT_COMPILE_CACHE = Path(__file__).resolve().parent.parent / ".cache" / "torch-compile"
-MAX_COMPILED_SHAPES = 4  # distinct (batch, height, width) per compiled module; others run eagerly
+COMPILE_SIZES_ENV = "LCM_COMPILE_SIZES"
+MAX_COMPILE_SIZES = 4  # each costs a compilation in setup (minutes on a CPU, tens of seconds on a GPU)
 DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
 
 # glibc's mallopt parameters (malloc.h) and thresholds, in bytes
@@ -55,6 +55,29 @@ def _flag(name: str, default: bool) -> bool:
     raise LCMError(f"{name}={value!r} is not allowed: use 1 or 0")
 
 
+def compile_sizes() -> tuple[tuple[int, int, int], ...]:
+    """LCM_COMPILE_SIZES as (width, height, images) triples, each a valid request size."""
+    text = os.environ.get(COMPILE_SIZES_ENV) or f"{DEFAULT_SIZE}x{DEFAULT_SIZE}"
+    allowed = (
+        f"comma-separated WxH or WxHxN (N images), at most {MAX_COMPILE_SIZES}, each a size and "
+        "image count a request may ask for, e.g. 768x768,512x512x4"
+    )
+    sizes = []
+    for entry in text.split(","):
+        parts = entry.strip().lower().split("x")
+        if len(parts) not in (2, 3) or not all(part.isdigit() for part in parts):
+            raise LCMError(f"{COMPILE_SIZES_ENV}={text!r} is not allowed: {allowed}")
+        width, height, images = (int(parts[0]), int(parts[1]), int(parts[2]) if len(parts) == 3 else 1)
+        try:
+            Request.build("", width=width, height=height, num_images=images, seed=0)
+        except InputError as exc:
+            raise LCMError(f"{COMPILE_SIZES_ENV}={text!r} is not allowed: {exc}") from exc
+        sizes.append((width, height, images))
+    if len(set(sizes)) > MAX_COMPILE_SIZES:
+        raise LCMError(f"{COMPILE_SIZES_ENV}={text!r} is not allowed: {allowed}")
+    return tuple(dict.fromkeys(sizes))
+
+
 @dataclass(frozen=True)
 class Accel:
     """Which optimisations are on; `from_env` picks per-device defaults."""
@@ -63,21 +86,27 @@ class Accel:
     channels_last: bool = False
     fuse_qkv: bool = False
     compile: bool = False
+    compile_sizes: tuple[tuple[int, int, int], ...] = ((DEFAULT_SIZE, DEFAULT_SIZE, 1),)  # (w, h, images)
     cuda_graphs: bool = False
-    warmup: bool = True
     hold_memory: bool = False
     vae_dtype: Optional[torch.dtype] = None  # None: the pipeline's dtype
 
     @classmethod
     def from_env(cls, device: torch.device, dtype: torch.dtype, vae_config: Any) -> "Accel":
         cuda = device.type == "cuda"
+        compile_on, cuda_graphs = _flag("LCM_COMPILE", False), _flag("LCM_CUDA_GRAPHS", False)
+        if cuda_graphs and not (cuda and compile_on):
+            raise LCMError("LCM_CUDA_GRAPHS=1 needs LCM_COMPILE=1 on a CUDA device; unset it")
+        if os.environ.get(COMPILE_SIZES_ENV) and not compile_on:
+            raise LCMError(f"{COMPILE_SIZES_ENV} needs LCM_COMPILE=1; set both or neither")
         return cls(
             fused_step=_flag("LCM_FUSED_STEP", True),
-            channels_last=_flag("LCM_CHANNELS_LAST", True),  # CPU: 1.065x end to end (bench/RESULTS.md)
-            fuse_qkv=_flag("LCM_FUSE_QKV", cuda),
-            compile=_flag("LCM_COMPILE", cuda),
-            cuda_graphs=cuda and _flag("LCM_CUDA_GRAPHS", True),
-            warmup=_flag("LCM_WARMUP", True),
+            # CPU: 1.065x end to end (bench/RESULTS.md); not measured on CUDA yet
+            channels_last=_flag("LCM_CHANNELS_LAST", not cuda),
+            fuse_qkv=_flag("LCM_FUSE_QKV", False),
+            compile=compile_on,
+            compile_sizes=compile_sizes(),
+            cuda_graphs=cuda_graphs,
             hold_memory=_flag("LCM_HOLD_MEMORY", not cuda) and glibc() is not None,
             vae_dtype=vae_dtype(device, dtype, vae_config),
         )
@@ -90,14 +119,19 @@ class Accel:
             if getattr(self, name)
         ]
         vae = str(self.vae_dtype).removeprefix("torch.") if self.vae_dtype else "same"
-        return f"accel={'+'.join(on) or 'none'} vae_dtype={vae}"
+        described = f"accel={'+'.join(on) or 'none'} vae_dtype={vae}"
+        if self.compile:
+            sizes = ",".join(f"{w}x{h}x{n}" for w, h, n in self.compile_sizes)
+            described += f" compile_sizes={sizes}"
+        return described
 
 
 def vae_dtype(device: torch.device, dtype: torch.dtype, vae_config: Any) -> Optional[torch.dtype]:
     """The VAE's dtype: LCM_VAE_DTYPE, else bfloat16 where the checkpoint asks for force_upcast.
 
     The SD VAE's activations can overflow float16 (NaN or black images); bfloat16 has float32's
-    range and runs at half-precision speed on Ampere and newer GPUs. float32 elsewhere.
+    range and runs at half-precision speed on Ampere and newer GPUs. Elsewhere (a T4, a V100)
+    torch would emulate it, slowly, and counts that as support unless asked not to: float32 there.
     """
     name = os.environ.get("LCM_VAE_DTYPE")
     if name:
@@ -106,7 +140,7 @@ def vae_dtype(device: torch.device, dtype: torch.dtype, vae_config: Any) -> Opti
         return DTYPES[name]
     if dtype != torch.float16 or not getattr(vae_config, "force_upcast", False):
         return None
-    if device.type == "cuda" and torch.cuda.is_bf16_supported():
+    if device.type == "cuda" and torch.cuda.is_bf16_supported(including_emulation=False):
         return torch.bfloat16
     return torch.float32
 
@@ -147,7 +181,7 @@ def hold_freed_memory(on: bool) -> bool:
 
 
 def apply(pipe: Any, taesd: Any, accel: Accel) -> None:
-    """Apply the memory settings and fusions in place (compilation is `compile_modules`)."""
+    """Apply the memory settings and fusions in place (compilation is lcm.compiling)."""
     if accel.hold_memory:
         hold_freed_memory(True)
     if accel.vae_dtype is not None:
@@ -159,39 +193,3 @@ def apply(pipe: Any, taesd: Any, accel: Accel) -> None:
         for module in (pipe.unet, pipe.vae, taesd):
             if module is not None:
                 module.to(memory_format=torch.channels_last)
-
-
-class ShapeBoundCompiled:
-    """torch.compile for at most MAX_COMPILED_SHAPES input shapes; any other shape runs eagerly.
-
-    Each new shape costs a compilation (tens of seconds on a GPU): bounding them keeps a
-    stream of odd sizes from stalling the service, while the common sizes stay fast.
-    """
-
-    def __init__(self, module: torch.nn.Module, method: str, mode: Optional[str]) -> None:
-        self.eager: Callable[..., Any] = getattr(module, method)
-        self.compiled = torch.compile(self.eager, mode=mode, fullgraph=False, dynamic=False)
-        self.shapes: set[tuple[int, ...]] = set()
-
-    def __call__(self, sample: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
-        shape = tuple(sample.shape)
-        if shape not in self.shapes and len(self.shapes) >= MAX_COMPILED_SHAPES:
-            return self.eager(sample, *args, **kwargs)
-        self.shapes.add(shape)
-        return self.compiled(sample, *args, **kwargs)
-
-
-def compile_modules(pipe: Any, accel: Accel) -> None:
-    """Compile the UNet forward and the VAE decoder, caching kernels on disk across restarts."""
-    if not accel.compile:
-        return
-    cache = Path(os.environ.get(COMPILE_CACHE_ENV) or DEFAULT_COMPILE_CACHE)
-    cache.mkdir(parents=True, exist_ok=True)
-    os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(cache / "inductor"))
-    os.environ.setdefault("TRITON_CACHE_DIR", str(cache / "triton"))
-    torch._inductor.config.fx_graph_cache = True  # kernels and graphs reused after a restart
-    mode = "reduce-overhead" if accel.cuda_graphs else None
-    # Instance attributes shadow the methods; nn.Module.__call__ (and its hooks) still runs.
-    pipe.unet.forward = ShapeBoundCompiled(pipe.unet, "forward", mode)
-    pipe.vae.decode = ShapeBoundCompiled(pipe.vae, "decode", mode)
-    log.info("torch.compile mode=%s cache=%s", mode, cache)

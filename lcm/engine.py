@@ -1,4 +1,9 @@
-"""One loaded model, many requests: request -> embeddings -> latents -> images -> files."""
+"""One loaded model, many requests: request -> embeddings -> latents -> images -> files.
+
+The engine owns one thread (lcm.worker) and does all its model work there: loading, warm-up and
+every generation, whichever thread calls. Generation runs under torch.inference_mode, on modules
+whose parameters never require grad, so nothing keeps autograd state while serving.
+"""
 
 from __future__ import annotations
 
@@ -9,17 +14,21 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Any, Callable, Optional
 
 import numpy as np
 import torch
 from diffusers import AutoencoderTiny, LCMScheduler
 
-from lcm import accel, images, prompts, safety, sampler
+from lcm import accel, compiling, images, prompts, safety, sampler
 from lcm.errors import InputError, LCMError
 from lcm.loading import default_dtype, load_pipeline, load_tiny_decoder, pick_device
 from lcm.params import Request
 from lcm.weights import weights_dir
+from lcm.worker import CancelFlag, EngineThread, Job
+
+StepCallback = Callable[[int, torch.Tensor], None]
+WARM_UP_PROMPT = "warm-up"
 
 log = logging.getLogger("lcm")
 
@@ -33,6 +42,7 @@ class Generation:
     num_tokens: int
     nsfw: list[bool]  # all False when the safety checker did not run
     timings: dict[str, float] = field(default_factory=dict)
+    eager: Optional[list[str]] = None  # with compile on: the compiled modules this request ran eagerly
 
 
 class _Clock:
@@ -52,7 +62,11 @@ class _Clock:
 
 
 class Engine:
-    """The loaded components and the device they live on; generate() is not thread-safe."""
+    """The loaded components, the device they live on, and the one thread that uses them.
+
+    Every public method may be called from any thread: the work runs on the engine's thread,
+    one request at a time, and the caller waits.
+    """
 
     def __init__(
         self,
@@ -62,6 +76,7 @@ class Engine:
         path: Path,
         taesd: Optional[AutoencoderTiny] = None,
         settings: Optional[accel.Accel] = None,
+        thread: Optional[EngineThread] = None,
     ) -> None:
         self.pipe = pipe
         self.accel = settings or accel.Accel()
@@ -70,23 +85,41 @@ class Engine:
         self.dtype = dtype
         self.weights_dir = path
         self.vae_scale_factor = 2 ** (len(pipe.vae.config.block_out_channels) - 1)
+        self.thread = thread or EngineThread()
+        self.compiled: list[compiling.CompiledForShapes] = []
 
     @classmethod
     def load(cls, path: str | os.PathLike | None = None, device: str | None = None) -> "Engine":
-        """Load from a local weights directory (default: LCM_WEIGHTS_DIR, else weights/)."""
+        """Load from a local weights directory (default: LCM_WEIGHTS_DIR, else weights/).
+
+        Loading, and everything after, runs on the engine's own new thread.
+        """
+        thread = EngineThread()
+        try:
+            return thread.call(cls._load, path, device, thread)
+        except BaseException:
+            thread.stop()
+            raise
+
+    @classmethod
+    def _load(cls, path: str | os.PathLike | None, device: str | None, thread: EngineThread) -> "Engine":
         start = time.perf_counter()
         resolved = weights_dir(path)
         dev = pick_device(device)
         dtype = default_dtype(dev)
         pipe = load_pipeline(resolved, dev, dtype)
         taesd = load_tiny_decoder(resolved, dev, dtype)
+        for module in (*pipe.components.values(), taesd):
+            if isinstance(module, torch.nn.Module):
+                module.requires_grad_(False)
         settings = accel.Accel.from_env(dev, dtype, pipe.vae.config)
         accel.apply(pipe, taesd, settings)
-        accel.compile_modules(pipe, settings)
-        engine = cls(pipe, dev, dtype, resolved, taesd, settings)
+        engine = cls(pipe, dev, dtype, resolved, taesd, settings, thread)
         loaded = time.perf_counter() - start
-        if settings.compile and settings.warmup:  # compile for the default request now, not in the first one
-            engine.generate(Request.build("warm-up", seed=0))
+        if settings.compile:
+            log.info("compile cache: %s", compiling.load_cache(resolved, dev))
+            engine.compiled = compiling.compile_modules(pipe, settings.cuda_graphs)
+            engine.warm_up()
         log.info(
             "loaded %s on %s (%s, %s) in %.1fs, warm-up %.1fs",
             resolved,
@@ -97,6 +130,30 @@ class Engine:
             time.perf_counter() - start - loaded,
         )
         return engine
+
+    def warm_up(self) -> None:
+        """Compile (and record CUDA graphs) for each declared size now, then seal: no request compiles.
+
+        A run sees every input signature of its size: the first step's latents and the later
+        steps'. CUDA graph trees record on a function's second call and replay from the third.
+        """
+        runs = 3 if self.accel.cuda_graphs else 1
+        for width, height, images_ in self.accel.compile_sizes:
+            request = Request.build(
+                WARM_UP_PROMPT, width=width, height=height, num_images=images_, seed=0, safety_checker=False
+            )
+            for _ in range(runs):
+                self._generate(request, None, None)
+        for module in self.compiled:
+            module.seal()
+
+    def call(self, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+        """fn(*args, **kwargs) on the engine thread, under inference mode, waiting for it."""
+        return self.thread.call(_inference(fn), *args, **kwargs)
+
+    def close(self) -> None:
+        """End the engine thread once its queued work is done."""
+        self.thread.stop()
 
     def scheduler(self, request: Request) -> LCMScheduler:
         """A fresh scheduler per request (schedulers keep step state), holding this request's timesteps.
@@ -152,19 +209,30 @@ class Engine:
         clean = torch.cat([posterior.sample(generator=g) for g in generators]).to(self.dtype)
         clean = clean * pipe.vae.config.scaling_factor
         noise = sampler.initial_noise(generators, tuple(clean.shape), self.device, self.dtype)
-        return scheduler.add_noise(clean, noise, scheduler.timesteps[:1].repeat(n))
+        noised = scheduler.add_noise(clean, noise, scheduler.timesteps[:1].repeat(n))
+        return noised.contiguous()  # the VAE's channels_last output would give the UNet other strides
 
     def generate(
-        self, request: Request, on_step: Optional[Callable[[int, torch.Tensor], None]] = None
+        self,
+        request: Request,
+        on_step: Optional[StepCallback] = None,
+        cancel: Optional[CancelFlag] = None,
     ) -> Generation:
         """Every image of the request, with the safety checker's verdicts when it is on.
 
+        Runs on the engine thread. `on_step(i, t)` is called there after each step; a set
+        `cancel` flag stops the request at the next step or stage boundary with worker.Cancelled.
         Running out of device memory fails this request only: the memory is given back and the
         error says what to ask for instead.
         """
         self.check(request)
+        return self.thread.call(self._generate_or_explain, request, on_step, cancel)
+
+    def _generate_or_explain(
+        self, request: Request, on_step: Optional[StepCallback], cancel: Optional[CancelFlag]
+    ) -> Generation:
         try:
-            return self._generate(request, on_step)
+            return self._generate(request, on_step, cancel)
         except torch.OutOfMemoryError as exc:
             log.warning("out of memory: %s", exc)
             self.free_memory()
@@ -179,9 +247,20 @@ class Engine:
         if self.device.type == "cuda":
             torch.cuda.empty_cache()
 
+    @torch.inference_mode()
     def _generate(
-        self, request: Request, on_step: Optional[Callable[[int, torch.Tensor], None]]
+        self, request: Request, on_step: Optional[StepCallback], cancel: Optional[CancelFlag]
     ) -> Generation:
+        boundary = cancel.check if cancel is not None else _nothing
+        boundary()
+
+        def step(index: int, timestep: torch.Tensor) -> None:
+            if on_step is not None:
+                on_step(index, timestep)
+            boundary()
+
+        for module in self.compiled:
+            module.eager_calls = 0
         clock = _Clock(self.device)
         pipe = self.pipe
         embedding = prompts.encode_prompt(
@@ -192,6 +271,7 @@ class Engine:
         scheduler = self.scheduler(request)
         latents = self.start_latents(request, scheduler, generators)
         clock.lap("prepare")
+        boundary()
         denoised = sampler.sample(
             pipe.unet,
             scheduler,
@@ -199,10 +279,11 @@ class Engine:
             latents,
             request.guidance_scale,
             generators,
-            on_step,
+            step,
             fused=self.accel.fused_step,
         )
         clock.lap("unet")
+        boundary()
         if request.fast_decode:  # TAESD is small: the whole batch in one pass
             pixels = images.decode(self.taesd, denoised, chunk=request.num_images)
         else:
@@ -210,41 +291,72 @@ class Engine:
         clock.lap("vae")
         nsfw = [False] * len(pixels)
         if request.safety_checker:
+            boundary()
             nsfw = safety.flag_nsfw(
                 pipe.feature_extractor, pipe.safety_checker, pixels, self.device, self.dtype
             )
             clock.lap("safety")
-        return Generation(request, pixels, embedding.num_tokens, nsfw, clock.timings)
+        eager = [m.name for m in self.compiled if m.eager_calls] if self.compiled else None
+        return Generation(request, pixels, embedding.num_tokens, nsfw, clock.timings, eager)
 
     @property
     def decode_chunk(self) -> int:
         """Images per VAE decoder pass: the decoder's activations at 1024 px are ~3 GB per image in fp32."""
         return 8 if self.device.type == "cuda" else 1
 
+    def submit(self, request: Request, out_dir: str | os.PathLike) -> Job[list[Path]]:
+        """Queue the request's files on the engine thread; returns at once with its Job.
+
+        `job.result()` waits for the paths (or re-raises the request's error); `job.cancel()`
+        stops it at the next step or stage boundary, and a cancelled request leaves no files.
+        """
+        self.check(request)
+        return self.thread.submit(lambda cancel: self._generate_files(request, Path(out_dir), cancel))
+
     def generate_files(self, request: Request, out_dir: str | os.PathLike) -> list[Path]:
+        """submit() and wait; interrupted while waiting (Ctrl-C), the request is cancelled first."""
+        job = self.submit(request, out_dir)
+        try:
+            return job.result()
+        except BaseException:
+            job.cancel_and_wait()
+            raise
+
+    def _generate_files(self, request: Request, out_dir: Path, cancel: CancelFlag) -> list[Path]:
         """Generate, leave out flagged images, write the rest in parallel; log one line for the request.
 
         Raises LCMError when the safety checker flags every image, so a request never
-        silently returns nothing.
+        silently returns nothing. Cancelled or failed while writing, it removes what it wrote.
         """
-        generation = self.generate(request)
+        generation = self.generate(request, cancel=cancel)
+        cancel.check()
         start = time.perf_counter()
-        Path(out_dir).mkdir(parents=True, exist_ok=True)
+        out_dir.mkdir(parents=True, exist_ok=True)
         kept = [
             (s, p)
             for s, p, bad in zip(request.seeds, generation.pixels, generation.nsfw, strict=True)
             if not bad
         ]
+        written: list[Path] = []
 
         def write(item: tuple[int, np.ndarray]) -> Path:
             seed, pixels = item
-            stem = Path(out_dir) / f"lcm-{seed}"
-            return images.save_image(
+            cancel.check()
+            stem = out_dir / f"lcm-{seed}"
+            path = images.save_image(
                 pixels, stem, request.output_format, request.output_quality, request.metadata(seed)
             )
+            written.append(path)
+            return path
 
-        with ThreadPoolExecutor(max_workers=max(1, min(len(kept), os.cpu_count() or 1))) as pool:
-            paths = list(pool.map(write, kept))
+        try:
+            with ThreadPoolExecutor(max_workers=max(1, min(len(kept), os.cpu_count() or 1))) as pool:
+                paths = list(pool.map(write, kept))
+            cancel.check()
+        except BaseException:
+            for path in written:
+                path.unlink(missing_ok=True)
+            raise
         generation.timings["encode"] = time.perf_counter() - start
         self.log(generation)
         if not kept:
@@ -260,7 +372,7 @@ class Engine:
         stages = " ".join(f"{k}={v:.3f}s" for k, v in generation.timings.items())
         log.info(
             "seed=%d images=%d size=%dx%d steps=%d guidance=%.2f origin_steps=%d tokens=%d mode=%s "
-            "flagged=%s device=%s dtype=%s %s",
+            "flagged=%s device=%s dtype=%s%s %s",
             r.seed,
             r.num_images,
             r.width,
@@ -273,5 +385,27 @@ class Engine:
             sum(generation.nsfw) if r.safety_checker else "off",
             self.device,
             str(self.dtype).removeprefix("torch."),
+            _graphs(generation.eager),
             stages,
         )
+
+
+def _graphs(eager: Optional[list[str]]) -> str:
+    """The log line's note on compiled graphs: empty with compile off."""
+    if eager is None:
+        return ""
+    if not eager:
+        return " graphs=compiled"
+    return f" graphs=eager({'+'.join(eager)}: not a size compiled in setup, see LCM_COMPILE_SIZES)"
+
+
+def _nothing() -> None:
+    """A boundary check for work that cannot be cancelled."""
+
+
+def _inference(fn: Callable[..., Any]) -> Callable[..., Any]:
+    def run(*args: Any, **kwargs: Any) -> Any:
+        with torch.inference_mode():
+            return fn(*args, **kwargs)
+
+    return run

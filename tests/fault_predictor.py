@@ -6,7 +6,7 @@ Test-only: run it as `COG_PREDICT_TYPE_STUB=tests/fault_predictor.py:Predictor`.
 
 from __future__ import annotations
 
-from typing import Any, Optional
+from typing import Any
 
 import torch
 
@@ -23,9 +23,9 @@ class Predictor(predict.Predictor):
         generate, forward = engine.generate, engine.pipe.unet.forward
         current: dict[str, bool] = {"oom": False}
 
-        def generate_and_note(request: Request, on_step: Optional[Any] = None) -> Any:
+        def generate_and_note(request: Request, *args: Any, **kwargs: Any) -> Any:
             current["oom"] = OOM_MARKER in request.prompt
-            return generate(request, on_step)
+            return generate(request, *args, **kwargs)
 
         def forward_or_oom(*args: Any, **kwargs: Any) -> Any:
             if current["oom"]:

@@ -104,24 +104,7 @@ def test_bfloat16_vae_stays_close(baseline, tiny_checkpoint, monkeypatch):
     assert np.abs(ours.astype(float) - ref).mean() < 1.5 and max_diff(ours, ref) <= 12
 
 
-def test_compiled_unet_and_decoder_keep_outputs_and_bound_shapes(baseline, tiny_checkpoint, monkeypatch):
-    engine = load_with(
-        tiny_checkpoint,
-        monkeypatch,
-        LCM_COMPILE="1",
-        LCM_WARMUP="0",
-        LCM_COMPILE_CACHE=str(tiny_checkpoint.parent / "compile-cache"),
-    )
-    assert isinstance(engine.pipe.unet.forward, accel.ShapeBoundCompiled)
-    req = request(num_inference_steps=2, num_images=1)
-    assert max_diff(engine.generate(req).pixels, baseline.generate(req).pixels) <= 1
-    monkeypatch.setattr(accel, "MAX_COMPILED_SHAPES", 1)
-    other = request(num_inference_steps=2, num_images=1, width=264)
-    assert max_diff(engine.generate(other).pixels, baseline.generate(other).pixels) <= 1
-    assert engine.pipe.unet.forward.shapes == {(1, 4, 32, 32)}  # the odd size ran eagerly
-
-
-def test_cpu_defaults_and_cuda_policy():
+def test_cpu_defaults():
     cpu = accel.Accel.from_env(torch.device("cpu"), torch.float32, SimpleNamespace(force_upcast=True))
     assert cpu.fused_step and cpu.channels_last and not (cpu.compile or cpu.cuda_graphs or cpu.fuse_qkv)
     assert cpu.hold_memory == (accel.glibc() is not None)
@@ -131,6 +114,60 @@ def test_cpu_defaults_and_cuda_policy():
         == torch.float32
     )
     assert accel.vae_dtype(torch.device("cpu"), torch.float16, SimpleNamespace(force_upcast=False)) is None
+
+
+def fake_bf16(native: bool):
+    """torch.cuda.is_bf16_supported for a GPU with bf16 in hardware (native) or only emulated."""
+    return lambda including_emulation=True: native or including_emulation
+
+
+def test_cuda_defaults_are_the_unmeasured_safe_ones(monkeypatch):
+    """Nothing unmeasured on CUDA: no compile, no CUDA graphs, no channels_last, no fused QKV."""
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", fake_bf16(True))
+    cuda = accel.Accel.from_env(torch.device("cuda"), torch.float16, SimpleNamespace(force_upcast=True))
+    assert cuda.fused_step and cuda.vae_dtype == torch.bfloat16
+    assert not (cuda.compile or cuda.cuda_graphs or cuda.channels_last or cuda.fuse_qkv or cuda.hold_memory)
+
+
+@pytest.mark.parametrize("native,expected", [(True, torch.bfloat16), (False, torch.float32)])
+def test_bfloat16_vae_only_where_the_gpu_has_bfloat16(monkeypatch, native, expected):
+    """torch counts emulated bf16 (a T4, a V100) as supported unless asked not to."""
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", fake_bf16(native))
+    upcast = SimpleNamespace(force_upcast=True)
+    assert accel.vae_dtype(torch.device("cuda"), torch.float16, upcast) == expected
+
+
+def test_compile_sizes_default_parse_and_refuse(monkeypatch):
+    assert accel.compile_sizes() == ((768, 768, 1),)
+    monkeypatch.setenv("LCM_COMPILE_SIZES", "512x512x4, 768x512,512x512x4")
+    assert accel.compile_sizes() == ((512, 512, 4), (768, 512, 1))
+    for bad, needle in [
+        ("512", "WxH or WxHxN"),
+        ("512x500", "multiple of 8"),
+        ("512x512x9", "num_images=9"),
+        ("256x256,264x256,272x256,280x256,288x256", "at most 4"),
+    ]:
+        monkeypatch.setenv("LCM_COMPILE_SIZES", bad)
+        with pytest.raises(LCMError, match=f"LCM_COMPILE_SIZES='{bad}' is not allowed.*{needle}"):
+            accel.compile_sizes()
+
+
+@pytest.mark.parametrize(
+    "env,needle",
+    [
+        ({"LCM_CUDA_GRAPHS": "1"}, "LCM_CUDA_GRAPHS=1 needs LCM_COMPILE=1 on a CUDA device"),
+        (
+            {"LCM_CUDA_GRAPHS": "1", "LCM_COMPILE": "1"},
+            "LCM_CUDA_GRAPHS=1 needs LCM_COMPILE=1 on a CUDA device",
+        ),
+        ({"LCM_COMPILE_SIZES": "512x512"}, "LCM_COMPILE_SIZES needs LCM_COMPILE=1"),
+    ],
+)
+def test_settings_that_would_do_nothing_are_refused(monkeypatch, env, needle):
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    with pytest.raises(LCMError, match=needle):
+        accel.Accel.from_env(torch.device("cpu"), torch.float32, SimpleNamespace(force_upcast=True))
 
 
 def test_cuda_leaves_the_allocator_alone_and_the_switch_turns_holding_off(monkeypatch):
