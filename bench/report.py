@@ -119,6 +119,7 @@ def table(settings: Settings, ours: Result, reference: Result) -> str:
         ("safety checker", ours.safety_checker, reference.safety_checker, ""),
         ("decoder", "TAESD (fast_decode)" if settings.fast_decode else "VAE", "VAE", ""),
         ("dtype", ours.dtype, reference.dtype, ""),
+        ("speed settings", ours.speed, reference.speed, ""),
         (
             "setup s (load; weights in page cache)",
             _seconds(ours.setup_seconds),
