@@ -39,7 +39,8 @@ from bench import BENCH_DIR, DEFAULT_WEIGHTS
 
 ROOT = BENCH_DIR.parent
 COMPILED = {"LCM_COMPILE": "1", "LCM_CUDA_GRAPHS": "1"}
-LONG_PROMPT = " ".join(["a lighthouse on a cliff at dawn, oil painting, golden light"] * 30)  # ~300 tokens
+PHRASE = "a lighthouse on a cliff at dawn, oil painting, golden light"
+LONG_TOKENS = 300
 # Seconds each step needs on an H200, roughly (compiles dominate); a step starts only with this left.
 NEEDS = {
     "versions": 15,
@@ -142,9 +143,9 @@ def step_precision(args: argparse.Namespace) -> None:
         start = time.perf_counter()
         pixels = engine.generate(request).pixels
         images[dtype] = pixels
-        vae = str(engine.pipe.vae.dtype).removeprefix("torch.")
+        unet, vae = (str(m.dtype).removeprefix("torch.") for m in (engine.pipe.unet, engine.pipe.vae))
         _say(
-            f"UNet {str(dtype).removeprefix('torch.')}, VAE {vae}: {time.perf_counter() - start:.2f}s, "
+            f"UNet {unet}, VAE {vae}: {time.perf_counter() - start:.2f}s, "
             f"NaN in UNet {nan['unet']}, in VAE decoder {nan['vae']}, "
             f"black {bool(pixels.max() == 0)}, pixel std {pixels.std():.1f}"
         )
@@ -182,7 +183,7 @@ def step_predictor_threads(args: argparse.Namespace) -> None:
         ("512x512", {"width": 512, "height": 512}),
         ("num_images=4", {"num_images": 4}),
         ("image to image", {"image": cog.Path(name)}),
-        ("300-token prompt", {"prompt": LONG_PROMPT}),
+        (f"{LONG_TOKENS}-token prompt", {"prompt": _long_prompt(predictor.engine.pipe.tokenizer)}),
     ]
     defaults = {k: getattr(v.default, "default", v.default) for k, v in _predict_parameters(predict).items()}
     for i, (label, inputs) in enumerate(cases):
@@ -207,6 +208,14 @@ def step_predictor_threads(args: argparse.Namespace) -> None:
             f"dynamo frames {before[0]} -> {after[0]}, unique graphs {before[1]} -> {after[1]}"
         )
     os.unlink(name)
+
+
+def _long_prompt(tokenizer: Any) -> str:
+    """PHRASE repeated until it is at least LONG_TOKENS tokens long (five 75-token windows)."""
+    prompt = PHRASE
+    while len(tokenizer(prompt, add_special_tokens=False).input_ids) < LONG_TOKENS:
+        prompt += ", " + PHRASE
+    return prompt
 
 
 def _predict_parameters(predict: Any) -> dict[str, Any]:
