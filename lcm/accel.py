@@ -39,6 +39,7 @@ DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch
 # glibc's mallopt parameters (malloc.h) and thresholds, in bytes
 M_TRIM_THRESHOLD = -1
 M_MMAP_THRESHOLD = -3
+M_ARENA_MAX = -8
 HELD_MMAP_THRESHOLD = 2**30  # buffers under 1 GiB come from the heap, where freed ones are reused
 HELD_TRIM_THRESHOLD = 2**31 - 1  # mallopt's largest value: freed heap stays with the process
 GLIBC_MMAP_THRESHOLD_MAX = 32 * 2**20  # where glibc's own sliding threshold stops on 64-bit systems
@@ -107,7 +108,7 @@ class Accel:
             compile=compile_on,
             compile_sizes=compile_sizes(),
             cuda_graphs=cuda_graphs,
-            hold_memory=_flag("LCM_HOLD_MEMORY", not cuda) and glibc() is not None,
+            hold_memory=holds_memory(device),
             vae_dtype=vae_dtype(device, dtype, vae_config),
         )
 
@@ -154,6 +155,11 @@ def glibc() -> Optional[ctypes.CDLL]:
     return libc if hasattr(libc, "mallopt") and hasattr(libc, "malloc_trim") else None
 
 
+def holds_memory(device: torch.device) -> bool:
+    """LCM_HOLD_MEMORY, by default on for CPU where the C library is glibc."""
+    return _flag("LCM_HOLD_MEMORY", device.type != "cuda") and glibc() is not None
+
+
 def hold_freed_memory(on: bool) -> bool:
     """Make glibc keep and reuse freed memory (on), or behave as a default process does (off).
 
@@ -162,16 +168,21 @@ def hold_freed_memory(on: bool) -> bool:
     on first touch. A CPU request allocates gigabytes of activations, about 600,000 page faults per
     UNet pass and VAE decode at 256x256: holding the memory made the UNet 17% and the VAE 5% faster
     (bench/RESULTS.md). The price is that the process keeps its peak working set between requests.
-    A thread's own arena still unmaps a heap that falls wholly free: where predict() runs on
-    threads other than the main one (Cog's server), MALLOC_ARENA_MAX=1 in the environment keeps it.
-    Off is glibc's sliding threshold where it settles once large buffers have been freed, with the
-    held memory given back. Returns False, changing nothing, where the C library is not glibc.
+    The thresholds hold only in the main arena: a thread's own arena serves buffers over 64 MiB
+    from fresh mappings and unmaps a heap that falls wholly free, whatever they say (the engine
+    thread in its own arena ran a 256x256 request 1.24x slower). So on also makes threads started
+    from now on share the arenas that exist (M_ARENA_MAX=1, as MALLOC_ARENA_MAX=1 would at process
+    start): call it before the engine thread starts, and the engine thread gets the main arena.
+    That cannot be undone in the process; off restores the thresholds only: glibc's sliding
+    threshold where it settles once large buffers have been freed, with the held memory given back.
+    Returns False, changing nothing, where the C library is not glibc.
     """
     libc = glibc()
     if libc is None:
         return False
     if on:
         mmap, trim = HELD_MMAP_THRESHOLD, HELD_TRIM_THRESHOLD
+        libc.mallopt(M_ARENA_MAX, 1)
     else:
         mmap, trim = GLIBC_MMAP_THRESHOLD_MAX, 2 * GLIBC_MMAP_THRESHOLD_MAX
     done = libc.mallopt(M_MMAP_THRESHOLD, mmap) == 1 and libc.mallopt(M_TRIM_THRESHOLD, trim) == 1

@@ -94,18 +94,20 @@ class Engine:
 
         Loading, and everything after, runs on the engine's own new thread.
         """
+        dev = pick_device(device)
+        if accel.holds_memory(dev):  # before the thread starts, so that it allocates in the main arena
+            accel.hold_freed_memory(True)
         thread = EngineThread()
         try:
-            return thread.call(cls._load, path, device, thread)
+            return thread.call(cls._load, path, dev, thread)
         except BaseException:
             thread.stop()
             raise
 
     @classmethod
-    def _load(cls, path: str | os.PathLike | None, device: str | None, thread: EngineThread) -> "Engine":
+    def _load(cls, path: str | os.PathLike | None, dev: torch.device, thread: EngineThread) -> "Engine":
         start = time.perf_counter()
         resolved = weights_dir(path)
-        dev = pick_device(device)
         dtype = default_dtype(dev)
         pipe = load_pipeline(resolved, dev, dtype)
         taesd = load_tiny_decoder(resolved, dev, dtype)

@@ -206,6 +206,53 @@ def test_held_memory_is_reused_without_page_faults():
     assert mapped_afresh > 10 * held, (mapped_afresh, held)
 
 
+ENGINE_THREAD_FAULTS = """
+import resource, sys, torch
+from lcm import accel
+from lcm.worker import EngineThread
+
+if sys.argv[1] == "held":
+    accel.hold_freed_memory(True)  # as Engine.load does, before its thread starts
+thread = EngineThread()
+
+def fewest_faults(nbytes):
+    def one():
+        before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+        torch.ones(nbytes // 4)
+        return resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before
+    for _ in range(10):  # until the heap's layout settles (posix_memalign's slack, small neighbours)
+        one()
+    return min(one() for _ in range(3))
+
+print(thread.call(fewest_faults, 100 * 2**20))
+"""
+
+
+@pytest.mark.skipif(accel.glibc() is None, reason="mallopt is glibc's: Linux with glibc only")
+def test_the_engine_thread_reuses_held_memory_like_the_main_thread():
+    """A thread's own glibc arena maps buffers over 64 MiB afresh whatever the thresholds say: the
+    engine thread, started after hold_freed_memory(True), must share the main arena instead."""
+    import subprocess
+    import sys
+
+    from cogserver import ROOT
+
+    faults = {}
+    for mode in ("held", "default"):
+        done = subprocess.run(
+            [sys.executable, "-c", ENGINE_THREAD_FAULTS, mode],
+            cwd=ROOT,
+            capture_output=True,
+            text=True,
+            timeout=120,
+            env={**__import__("os").environ, "PYTHONPATH": str(ROOT)},
+        )
+        assert done.returncode == 0, done.stderr[-2000:]
+        faults[mode] = int(done.stdout.split()[-1])
+    pages = 100 * 2**20 // resource.getpagesize()
+    assert faults["held"] < pages // 20 and faults["default"] > pages // 2, (faults, pages)
+
+
 @pytest.mark.parametrize("name,value", [("LCM_COMPILE", "maybe"), ("LCM_VAE_DTYPE", "int8")])
 def test_bad_switch_values_are_refused(monkeypatch, name, value):
     monkeypatch.setenv(name, value)
