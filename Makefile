@@ -61,8 +61,9 @@ generate-synthetic: synthetic
 schema: venv
 	$(PY) scripts/openapi-schema
 
-# One glibc arena: Cog calls predict() on threads of its own, and a thread's arena unmaps what it
-# frees, so LCM_HOLD_MEMORY keeps less; with one arena a 256 px CPU request went from 11.6 to 10.8 s.
+# One glibc arena from the start: LCM_HOLD_MEMORY's thresholds hold in the main arena only, and Cog's
+# worker has threads with arenas of their own; through the server a 256 px CPU request took 17.5 and
+# 15.3 s with one arena, 18.4 and 16.9 s without (README, "Running without Docker").
 MALLOC_ARENA_MAX ?= 1
 
 serve: schema
