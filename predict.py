@@ -14,6 +14,7 @@ from lcm.engine import Engine
 from lcm.errors import InputError
 from lcm.params import Request
 
+# Literals for cog build's static parser; tests/test_engine.py holds them to lcm.params.INPUTS.
 DEFAULT_PROMPT = "Self-portrait oil painting, a beautiful cyborg with golden hair, 8k"
 OUTPUT_FORMATS = ["png", "webp", "jpg"]
 
@@ -114,28 +115,13 @@ class Predictor(BasePredictor):
         The engine's own thread does the work while this one (Cog's) waits: Cog's cancellation,
         raised here, sets the request's cancel flag, and the engine stops at its next step.
         """
+        inputs = {name: value for name, value in locals().items() if name != "self"}  # by their own names
         self._remove_previous_outputs()
         self.output_dir = tempfile.mkdtemp(prefix="lcm-")
         job = None
         try:
-            check_downloaded(image)
-            request = Request.build(
-                prompt=prompt,
-                width=width,
-                height=height,
-                num_images=num_images,
-                num_inference_steps=num_inference_steps,
-                guidance_scale=guidance_scale,
-                lcm_origin_steps=lcm_origin_steps,
-                seed=seed,
-                image=image,
-                prompt_strength=prompt_strength,
-                clip_skip=clip_skip,
-                output_format=output_format,
-                output_quality=output_quality,
-                safety_checker=not disable_safety_checker,
-                fast_decode=fast_decode,
-            )
+            refuse_server_paths(image)
+            request = Request.build(**inputs)
             job = self.engine.submit(request, self.output_dir)
             paths = job.result()
         except BaseException:  # failed or cancelled: leave no partial files behind
@@ -152,7 +138,7 @@ class Predictor(BasePredictor):
             self.output_dir = None
 
 
-def check_downloaded(image: object) -> None:
+def refuse_server_paths(image: object) -> None:
     """Accept only an image Cog fetched from a URL or data: URL into its temporary directory.
 
     Cog hands any other string on as it is, which would let a caller read files on the server.

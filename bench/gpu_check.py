@@ -121,7 +121,7 @@ def step_precision(args: argparse.Namespace) -> None:
 
     device = torch.device(args.device)
     request = Request.build(
-        "a lighthouse on a cliff at dawn", width=768, height=768, seed=1, safety_checker=False
+        "a lighthouse on a cliff at dawn", width=768, height=768, seed=1, disable_safety_checker=True
     )
     images = {}
     for dtype in (torch.float16, torch.float32):

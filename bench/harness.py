@@ -15,18 +15,15 @@ import inspect
 import os
 import shlex
 import shutil
-import statistics
 import sys
 import tempfile
 import time
 from collections import defaultdict
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Optional, Protocol, Sequence
 
-import numpy as np
 import torch
 from diffusers import LatentConsistencyModelPipeline
 from diffusers.utils import logging as diffusers_logging
@@ -35,36 +32,15 @@ from transformers.utils import logging as transformers_logging
 import predict
 from bench import DEFAULT_WEIGHTS, report
 from bench.memory import MemoryWatch, Usage, release
-from lcm import accel
+from bench.results import SEED, Output, Result, Run, Settings
+from lcm import allocator
 from lcm.errors import LCMError
 from lcm.loading import DEVICE_ENV, pick_device
-from lcm.params import Request
+from lcm.params import DEFAULT_PROMPT, SPECS, Request
 from lcm.weights import WEIGHTS_ENV, check_weights
 
-SEED = 1234
-GUIDANCE_SCALE = 8.0
-ORIGIN_STEPS = 50
-
-
-@dataclass(frozen=True)
-class Settings:
-    """What both methods are asked to do."""
-
-    device: torch.device
-    size: int
-    steps: int
-    batch: int
-    weights: Path
-    runs: int
-    warmup: int
-    prompt: str = predict.DEFAULT_PROMPT
-    seed: int = SEED
-    fast_decode: bool = False  # ours decodes with TAESD; the reference keeps its full VAE
-
-    @property
-    def seeds(self) -> list[int]:
-        """Image i uses seed + i in both methods, each from its own CPU generator."""
-        return [self.seed + i for i in range(self.batch)]
+GUIDANCE_SCALE = SPECS["guidance_scale"].default
+ORIGIN_STEPS = SPECS["lcm_origin_steps"].default
 
 
 class Recorder:
@@ -124,23 +100,6 @@ class Recorder:
             self.marks.append(self._now())
 
 
-@dataclass
-class Output:
-    """What one run produced; images are arrays or PIL images, converted only after the clock stops."""
-
-    images: Sequence[Any]
-    flagged: list[bool]
-    stages: dict[str, float]
-    steps: list[float]
-
-
-@dataclass
-class Run:
-    seconds: float
-    output: Output
-    usage: Usage
-
-
 class Method(Protocol):
     name: str
     safety_checker: str
@@ -195,7 +154,7 @@ class Ours:
     def enter(self) -> None:
         """The allocator as the service leaves it: the reference's turn may have reset it."""
         if self.predictor.engine.accel.hold_memory:
-            accel.hold_freed_memory(True)
+            allocator.hold_freed_memory(True)
 
     def run(self) -> Output:
         self.predictor.predict(**self.kwargs)
@@ -278,7 +237,7 @@ class Reference:
 
     def enter(self) -> None:
         """glibc's allocator as a default process has it, whatever ours set (process-wide) in its turn."""
-        accel.hold_freed_memory(False)
+        allocator.hold_freed_memory(False)
 
     def run(self) -> Output:
         s = self.settings
@@ -307,70 +266,6 @@ class Reference:
     def close(self) -> None:
         shutil.rmtree(self.out_dir, ignore_errors=True)
         del self.pipe
-
-
-@dataclass
-class Result:
-    """One method's numbers: timed runs for end to end, profiled runs for stages and steps."""
-
-    name: str
-    safety_checker: str
-    dtype: str
-    speed: str
-    setup_seconds: float
-    setup_usage: Usage
-    timed: list[Run]
-    profiled: list[Run]
-
-    @property
-    def median(self) -> float:
-        return statistics.median(r.seconds for r in self.timed)
-
-    @property
-    def fastest(self) -> float:
-        return min(r.seconds for r in self.timed)
-
-    @property
-    def slowest(self) -> float:
-        return max(r.seconds for r in self.timed)
-
-    @property
-    def flagged(self) -> str:
-        """Images the safety checker flagged in the last timed run, or a dash when it did not run."""
-        output = self.timed[-1].output
-        return f"{sum(output.flagged)}/{len(output.images)}" if output.flagged else "–"
-
-    def run_max(self, attr: str) -> Optional[int]:
-        """The largest value of a Usage attribute (host_peak, gpu_held, ...) over every run."""
-        values = [getattr(r.usage, attr) for r in self.timed + self.profiled]
-        return None if None in values else max(values)
-
-    def stage_medians(self) -> dict[str, float]:
-        """Median per stage over the profiled runs, plus "other": end to end minus the stages."""
-        names = list(dict.fromkeys(name for r in self.profiled for name in r.output.stages))
-        medians = {n: statistics.median(r.output.stages.get(n, 0.0) for r in self.profiled) for n in names}
-        if names:
-            medians[report.OTHER] = statistics.median(
-                r.seconds - sum(r.output.stages.values()) for r in self.profiled
-            )
-        return medians
-
-    def step_medians(self) -> list[float]:
-        """Median per step index, when every profiled run recorded the same number of steps."""
-        counts = {len(r.output.steps) for r in self.profiled}
-        if len(counts) != 1 or not counts.pop():
-            return []
-        return [
-            statistics.median(steps) for steps in zip(*(r.output.steps for r in self.profiled), strict=True)
-        ]
-
-    def pixels(self) -> np.ndarray:
-        """The last timed run's images as one (N, H, W, 3) uint8 array."""
-        return np.stack([np.asarray(image) for image in self.timed[-1].output.images])
-
-    def max_difference(self, other: "Result") -> int:
-        """Largest per-channel difference between the two methods' last images, in 1/255 units."""
-        return int(np.abs(self.pixels().astype(np.int16) - other.pixels().astype(np.int16)).max())
 
 
 def one_run(method: Method, recorder: Recorder, watch: MemoryWatch, profile: bool) -> Run:
@@ -461,7 +356,7 @@ def resolve(args: argparse.Namespace) -> Settings:
     """Defaults that need torch or the disk; the request is validated by the project's own rules first."""
     device = pick_device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     Request.build(
-        predict.DEFAULT_PROMPT,
+        DEFAULT_PROMPT,
         width=args.size,
         height=args.size,
         num_images=args.batch,

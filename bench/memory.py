@@ -13,7 +13,7 @@ from typing import Optional
 
 import torch
 
-from lcm import accel
+from lcm import allocator
 
 CLEAR_REFS = Path("/proc/self/clear_refs")
 STATUS = Path("/proc/self/status")
@@ -49,7 +49,7 @@ def release(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
         torch.cuda.empty_cache()
-    libc = accel.glibc()
+    libc = allocator.glibc()
     if libc is not None:
         libc.malloc_trim(0)
 

@@ -7,7 +7,7 @@ import os
 import platform
 import subprocess
 from pathlib import Path
-from typing import TYPE_CHECKING, Optional
+from typing import Optional
 
 import diffusers
 import numpy
@@ -16,12 +16,9 @@ import torch
 import transformers
 
 from bench.memory import GIB
-
-if TYPE_CHECKING:
-    from bench.harness import Result, Settings
+from bench.results import OTHER, Result, Settings
 
 ROOT = Path(__file__).resolve().parent.parent
-OTHER = "other"  # the stage row for end to end minus the measured stages
 # Instruction-set extensions that decide which CPU optimisations can pay off (bf16 and AMX above all).
 CPU_FLAGS = ("avx2", "fma", "avx512f", "avx512_vnni", "avx512_bf16", "amx_tile", "amx_bf16")
 

@@ -1,6 +1,6 @@
 """Speed settings, read from the environment at load time, each with a switch.
 
-    LCM_FUSED_STEP=0      diffusers' scheduler.step instead of the host-planned step (sampler.plan_steps)
+    LCM_PLANNED_STEP=0      diffusers' scheduler.step instead of the host-planned step (sampler.plan_steps)
     LCM_CHANNELS_LAST=0|1 the UNet and VAE in channels_last memory format (default: on for CPU)
     LCM_FUSE_QKV=1        one fused query/key/value projection in attention (default: off)
     LCM_COMPILE=1         torch.compile the UNet and VAE decoder in setup (default: off; lcm/compiling.py)
@@ -17,16 +17,14 @@ step, which is device-agnostic. The tests check every setting against the unopti
 
 from __future__ import annotations
 
-import ctypes
-import functools
 import logging
 import os
-import platform
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Optional
 
 import torch
 
+from lcm import allocator
 from lcm.errors import InputError, LCMError
 from lcm.params import DEFAULT_SIZE, Request
 
@@ -35,14 +33,6 @@ log = logging.getLogger("lcm")
 COMPILE_SIZES_ENV = "LCM_COMPILE_SIZES"
 MAX_COMPILE_SIZES = 4  # each costs a compilation in setup (minutes on a CPU, tens of seconds on a GPU)
 DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
-
-# glibc's mallopt parameters (malloc.h) and thresholds, in bytes
-M_TRIM_THRESHOLD = -1
-M_MMAP_THRESHOLD = -3
-M_ARENA_MAX = -8
-HELD_MMAP_THRESHOLD = 2**30  # buffers under 1 GiB come from the heap, where freed ones are reused
-HELD_TRIM_THRESHOLD = 2**31 - 1  # mallopt's largest value: freed heap stays with the process
-GLIBC_MMAP_THRESHOLD_MAX = 32 * 2**20  # where glibc's own sliding threshold stops on 64-bit systems
 
 
 def _flag(name: str, default: bool) -> bool:
@@ -81,15 +71,15 @@ def compile_sizes() -> tuple[tuple[int, int, int], ...]:
 
 @dataclass(frozen=True)
 class Accel:
-    """Which optimisations are on; `from_env` picks per-device defaults."""
+    """Which optimisations are on; the defaults are a CPU's, `from_env` picks each device's."""
 
-    fused_step: bool = True
-    channels_last: bool = False
+    planned_step: bool = True
+    channels_last: bool = True
     fuse_qkv: bool = False
     compile: bool = False
     compile_sizes: tuple[tuple[int, int, int], ...] = ((DEFAULT_SIZE, DEFAULT_SIZE, 1),)  # (w, h, images)
     cuda_graphs: bool = False
-    hold_memory: bool = False
+    hold_memory: bool = field(default_factory=lambda: allocator.glibc() is not None)
     vae_dtype: Optional[torch.dtype] = None  # None: the pipeline's dtype
 
     @classmethod
@@ -101,8 +91,8 @@ class Accel:
         if os.environ.get(COMPILE_SIZES_ENV) and not compile_on:
             raise LCMError(f"{COMPILE_SIZES_ENV} needs LCM_COMPILE=1; set both or neither")
         return cls(
-            fused_step=_flag("LCM_FUSED_STEP", True),
-            # CPU: 1.065x end to end (bench/RESULTS.md); not measured on CUDA yet
+            planned_step=_flag("LCM_PLANNED_STEP", True),
+            # measured on CPU (bench/RESULTS.md), not yet on CUDA
             channels_last=_flag("LCM_CHANNELS_LAST", not cuda),
             fuse_qkv=_flag("LCM_FUSE_QKV", False),
             compile=compile_on,
@@ -116,7 +106,7 @@ class Accel:
         """For the setup log line."""
         on = [
             name
-            for name in ("fused_step", "channels_last", "fuse_qkv", "compile", "cuda_graphs", "hold_memory")
+            for name in ("planned_step", "channels_last", "fuse_qkv", "compile", "cuda_graphs", "hold_memory")
             if getattr(self, name)
         ]
         vae = str(self.vae_dtype).removeprefix("torch.") if self.vae_dtype else "same"
@@ -146,55 +136,15 @@ def vae_dtype(device: torch.device, dtype: torch.dtype, vae_config: Any) -> Opti
     return torch.float32
 
 
-@functools.cache
-def glibc() -> Optional[ctypes.CDLL]:
-    """The process's C library where it is glibc (mallopt and malloc_trim), else None (macOS, musl)."""
-    if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
-        return None
-    libc = ctypes.CDLL(None)  # the symbols already loaded into this process, glibc's among them
-    return libc if hasattr(libc, "mallopt") and hasattr(libc, "malloc_trim") else None
-
-
 def holds_memory(device: torch.device) -> bool:
     """LCM_HOLD_MEMORY, by default on for CPU where the C library is glibc."""
-    return _flag("LCM_HOLD_MEMORY", device.type != "cuda") and glibc() is not None
-
-
-def hold_freed_memory(on: bool) -> bool:
-    """Make glibc keep and reuse freed memory (on), or behave as a default process does (off).
-
-    By default glibc maps every buffer of 32 MiB or more afresh and unmaps it when freed, and gives
-    the free top of its heap back to the kernel; new pages are then zero-filled one fault at a time
-    on first touch. A CPU request allocates gigabytes of activations, about 600,000 page faults per
-    UNet pass and VAE decode at 256x256: holding the memory made the UNet 17% and the VAE 5% faster
-    (bench/RESULTS.md). The price is that the process keeps its peak working set between requests.
-    The thresholds hold only in the main arena: a thread's own arena serves buffers over 64 MiB
-    from fresh mappings and unmaps a heap that falls wholly free, whatever they say (the engine
-    thread in its own arena ran a 256x256 request 1.24x slower). So on also makes threads started
-    from now on share the arenas that exist (M_ARENA_MAX=1, as MALLOC_ARENA_MAX=1 would at process
-    start): call it before the engine thread starts, and the engine thread gets the main arena.
-    That cannot be undone in the process; off restores the thresholds only: glibc's sliding
-    threshold where it settles once large buffers have been freed, with the held memory given back.
-    Returns False, changing nothing, where the C library is not glibc.
-    """
-    libc = glibc()
-    if libc is None:
-        return False
-    if on:
-        mmap, trim = HELD_MMAP_THRESHOLD, HELD_TRIM_THRESHOLD
-        libc.mallopt(M_ARENA_MAX, 1)
-    else:
-        mmap, trim = GLIBC_MMAP_THRESHOLD_MAX, 2 * GLIBC_MMAP_THRESHOLD_MAX
-    done = libc.mallopt(M_MMAP_THRESHOLD, mmap) == 1 and libc.mallopt(M_TRIM_THRESHOLD, trim) == 1
-    if not on:
-        libc.malloc_trim(0)
-    return done
+    return _flag("LCM_HOLD_MEMORY", device.type != "cuda") and allocator.glibc() is not None
 
 
 def apply(pipe: Any, taesd: Any, accel: Accel) -> None:
     """Apply the memory settings and fusions in place (compilation is lcm.compiling)."""
     if accel.hold_memory:
-        hold_freed_memory(True)
+        allocator.hold_freed_memory(True)
     if accel.vae_dtype is not None:
         pipe.vae.to(dtype=accel.vae_dtype)
     if accel.fuse_qkv:

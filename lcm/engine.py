@@ -20,9 +20,9 @@ import numpy as np
 import torch
 from diffusers import AutoencoderTiny, LCMScheduler
 
-from lcm import accel, compiling, images, prompts, safety, sampler
+from lcm import accel, allocator, compiling, images, prompts, safety, sampler
 from lcm.errors import InputError, LCMError
-from lcm.loading import default_dtype, load_pipeline, load_tiny_decoder, pick_device
+from lcm.loading import default_dtype, load_pipeline, load_taesd, pick_device
 from lcm.params import Request
 from lcm.weights import weights_dir
 from lcm.worker import CancelFlag, EngineThread, Job
@@ -79,7 +79,7 @@ class Engine:
         thread: Optional[EngineThread] = None,
     ) -> None:
         self.pipe = pipe
-        self.accel = settings or accel.Accel()
+        self.accel = settings or accel.Accel.from_env(device, dtype, pipe.vae.config)
         self.taesd = taesd  # fast_decode's tiny decoder, when the weights directory has one
         self.device = device
         self.dtype = dtype
@@ -87,6 +87,8 @@ class Engine:
         self.vae_scale_factor = 2 ** (len(pipe.vae.config.block_out_channels) - 1)
         self.thread = thread or EngineThread()
         self.compiled: list[compiling.CompiledForShapes] = []
+        # The same configuration however the engine was made, applied on its thread.
+        self.thread.call(accel.apply, pipe, taesd, self.accel)
 
     @classmethod
     def load(cls, path: str | os.PathLike | None = None, device: str | None = None) -> "Engine":
@@ -96,7 +98,7 @@ class Engine:
         """
         dev = pick_device(device)
         if accel.holds_memory(dev):  # before the thread starts, so that it allocates in the main arena
-            accel.hold_freed_memory(True)
+            allocator.hold_freed_memory(True)
         thread = EngineThread()
         try:
             return thread.call(cls._load, path, dev, thread)
@@ -110,12 +112,11 @@ class Engine:
         resolved = weights_dir(path)
         dtype = default_dtype(dev)
         pipe = load_pipeline(resolved, dev, dtype)
-        taesd = load_tiny_decoder(resolved, dev, dtype)
+        taesd = load_taesd(resolved, dev, dtype)
         for module in (*pipe.components.values(), taesd):
             if isinstance(module, torch.nn.Module):
                 module.requires_grad_(False)
         settings = accel.Accel.from_env(dev, dtype, pipe.vae.config)
-        accel.apply(pipe, taesd, settings)
         engine = cls(pipe, dev, dtype, resolved, taesd, settings, thread)
         loaded = time.perf_counter() - start
         if settings.compile:
@@ -142,7 +143,12 @@ class Engine:
         runs = 3 if self.accel.cuda_graphs else 1
         for width, height, images_ in self.accel.compile_sizes:
             request = Request.build(
-                WARM_UP_PROMPT, width=width, height=height, num_images=images_, seed=0, safety_checker=False
+                WARM_UP_PROMPT,
+                width=width,
+                height=height,
+                num_images=images_,
+                seed=0,
+                disable_safety_checker=True,
             )
             for _ in range(runs):
                 self._generate(request, None, None)
@@ -160,7 +166,10 @@ class Engine:
     def scheduler(self, request: Request) -> LCMScheduler:
         """A fresh scheduler per request (schedulers keep step state), holding this request's timesteps.
 
-        With an input image, prompt_strength keeps only the lower part of the original schedule.
+        The input `lcm_origin_steps` (the LCM authors' name, kept by this API) is what diffusers
+        calls `original_inference_steps`: the length of the teacher's schedule, whose timesteps
+        the LCM steps are drawn from. With an input image, prompt_strength keeps only the lower
+        part of that schedule.
         """
         scheduler = LCMScheduler.from_config(self.pipe.scheduler.config)
         scheduler.set_timesteps(
@@ -282,7 +291,7 @@ class Engine:
             request.guidance_scale,
             generators,
             step,
-            fused=self.accel.fused_step,
+            planned=self.accel.planned_step,
         )
         clock.lap("unet")
         boundary()
@@ -360,7 +369,7 @@ class Engine:
                 path.unlink(missing_ok=True)
             raise
         generation.timings["encode"] = time.perf_counter() - start
-        self.log(generation)
+        self.log_generation(generation)
         if not kept:
             raise LCMError(
                 f"the safety checker flagged all {request.num_images} image(s) as possibly NSFW, so none is "
@@ -368,7 +377,7 @@ class Engine:
             )
         return paths
 
-    def log(self, generation: Generation) -> None:
+    def log_generation(self, generation: Generation) -> None:
         """One line an operator can act on: seed, size, steps, device, dtype, time per stage."""
         r = generation.request
         stages = " ".join(f"{k}={v:.3f}s" for k, v in generation.timings.items())

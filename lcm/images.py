@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 import os
 import warnings
 from pathlib import Path
@@ -15,7 +14,6 @@ from PIL import Image, ImageOps
 
 from lcm.errors import InputError
 from lcm.metadata import save_options
-from lcm.params import MAX_SIZE, MIN_SIZE, OUTPUT_FORMATS, SIZE_MULTIPLE
 
 # The largest common camera output (48-50 MP phone sensors at full resolution, 8160x6120 = 49.9 MP)
 # fits; decoded that is 150 MB as RGB, 200 MB as RGBA, and the output is at most 1 MP, so larger
@@ -30,13 +28,12 @@ _ACCEPTED = (
     f"and {MAX_INPUT_BYTES // 1_000_000} MB"
 )
 
-EXTENSIONS = dict(zip(OUTPUT_FORMATS, (".png", ".webp", ".jpg"), strict=True))
-# zlib level 1: on a natural-looking 768x768 image 0.088 s and 1.04 MB against 0.288 s and 0.89 MB
-# at Pillow's default 6 (this 2-core CPU; bench/RESULTS.md). On a GPU the whole 4-step pass takes
-# less than level 6's encoding. Noise (a random-weight checkpoint's output) barely compresses at any level.
+EXTENSIONS = {"png": ".png", "webp": ".webp", "jpg": ".jpg"}  # the output formats (params.OUTPUT_FORMATS)
+# zlib level 1: a third of Pillow's default level 6's time for files a sixth larger; on a GPU the
+# whole 4-step pass takes less than level 6's encoding (bench/RESULTS.md, "PNG compress_level").
 PNG_COMPRESS_LEVEL = 1
-# libwebp's default effort. On a textured 768x768 image at quality 80-90, methods 0-2 were 2-3x
-# faster (25-40 ms) but up to 6% larger; 5-6 were up to 2x slower for under 3% smaller.
+# libwebp's default effort: faster methods make larger files, slower ones barely smaller ones
+# (bench/RESULTS.md, "Encoder settings").
 WEBP_METHOD = 4
 
 
@@ -116,32 +113,6 @@ def _upright_rgb(image: Image.Image) -> Image.Image:
     return image.convert("RGB")
 
 
-def output_size(image_size: tuple[int, int], width: int | None, height: int | None) -> tuple[int, int]:
-    """The image-to-image output size: what was asked, with missing sides from the input image.
-
-    With neither side given, the input is scaled to fit 1024 without upscaling, unless its
-    shorter side is below 256, which is then raised to 256; a side given alone keeps the
-    input's aspect ratio for the other. Computed sides snap to the nearest multiple of 8
-    within [256, 1024], so extreme aspect ratios are cropped by fit_image, never squashed.
-    """
-    if width is not None and height is not None:
-        return width, height
-    w, h = image_size
-    if width is not None:
-        return width, _snap(width * h / w)
-    if height is not None:
-        return _snap(height * w / h), height
-    scale = min(1.0, MAX_SIZE / max(w, h))
-    if min(w, h) * scale < MIN_SIZE:
-        scale = min(MIN_SIZE / min(w, h), MAX_SIZE / max(w, h))
-    return _snap(w * scale), _snap(h * scale)
-
-
-def _snap(side: float) -> int:
-    nearest = SIZE_MULTIPLE * math.floor(side / SIZE_MULTIPLE + 0.5)
-    return min(MAX_SIZE, max(MIN_SIZE, nearest))
-
-
 def fit_image(image: Image.Image, width: int, height: int) -> Image.Image:
     """Scale to cover width x height (Lanczos) and crop the centre: no distortion, exact size."""
     return ImageOps.fit(image, (width, height), method=Image.Resampling.LANCZOS)
@@ -152,7 +123,7 @@ def save_image(
 ) -> Path:
     """Write one (H, W, 3) uint8 image as <path_stem>.<ext>, carrying its generation metadata.
 
-    fmt is one of OUTPUT_FORMATS (checked by lcm.params). PNG is lossless and ignores quality;
+    fmt is one of EXTENSIONS' keys (checked by lcm.params). PNG is lossless and ignores quality;
     WebP and JPEG (4:2:0 chroma, no optimize pass) use it, 1-100.
     """
     path = Path(os.fspath(path_stem) + EXTENSIONS[fmt])

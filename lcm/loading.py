@@ -97,7 +97,7 @@ def load_pipeline(
     return pipe.to(device)
 
 
-def load_tiny_decoder(
+def load_taesd(
     weights_dir: str | os.PathLike, device: torch.device, dtype: torch.dtype
 ) -> Optional[AutoencoderTiny]:
     """fast_decode's TAESD decoder when the weights directory has a taesd/ folder, else None.

@@ -1,7 +1,9 @@
-"""Request parameters, validated once at the boundary.
+"""Request parameters: each input's name, default and bounds, declared once, and validated once.
 
-Every limit lives here; predict.py repeats them as literals because `cog build` reads its
-source statically, and a test keeps the two in step.
+INPUTS is the one table of the service's inputs, by the names the API uses (predict.py, HTTP, the
+command line). Request.build validates them, metadata stores and reads them by these names, and
+the CLI's flags are made from them. predict.py repeats them as literals because `cog build` reads
+its source statically; a test holds every default, bound and choice there to this table.
 """
 
 from __future__ import annotations
@@ -16,11 +18,13 @@ from typing import Any, Optional
 from PIL import Image
 
 import lcm
+from lcm import images
 from lcm.errors import InputError
 
 MIN_SIZE = 256
 MAX_SIZE = 1024
 SIZE_MULTIPLE = 8
+DEFAULT_SIZE = 768
 MAX_IMAGES = 8
 MAX_STEPS = 50
 MIN_GUIDANCE = 1.0
@@ -28,10 +32,51 @@ MAX_GUIDANCE = 20.0
 MAX_ORIGIN_STEPS = 1000  # the scheduler's num_train_timesteps
 MAX_SEED = 2**32 - 1
 MAX_PROMPT_CHARS = 5000  # a cheap bound before tokenizing; the real limit is prompts.MAX_WINDOWS
-DEFAULT_SIZE = 768
-DEFAULT_STRENGTH = 0.8
 MAX_CLIP_SKIP = 11  # the real text encoder has 12 layers; the engine checks the loaded one
-OUTPUT_FORMATS = ("png", "webp", "jpg")
+OUTPUT_FORMATS = tuple(images.EXTENSIONS)
+DEFAULT_PROMPT = "Self-portrait oil painting, a beautiful cyborg with golden hair, 8k"
+
+
+@dataclass(frozen=True)
+class Spec:
+    """One input: its API name, default, type and bounds, and a line of help for the command line.
+
+    `optional`: None is allowed (and means: derived, or drawn at random). `multiple`: the value
+    must divide by it.
+    """
+
+    name: str
+    default: Any
+    kind: type
+    low: Optional[float] = None
+    high: Optional[float] = None
+    choices: tuple[str, ...] = ()
+    optional: bool = False
+    multiple: int = 1
+    help: str = ""
+
+
+_SIDE = f"pixels; left out: {DEFAULT_SIZE}, or from the input image (README)"
+INPUTS: tuple[Spec, ...] = (
+    Spec("prompt", DEFAULT_PROMPT, str, high=MAX_PROMPT_CHARS, help="text describing the image"),
+    Spec("image", None, Path, optional=True, help="starting image: image to image instead of text to image"),
+    Spec("prompt_strength", 0.8, float, 0.0, 1.0, help="image to image only: how much is redrawn"),
+    Spec("width", None, int, MIN_SIZE, MAX_SIZE, optional=True, multiple=SIZE_MULTIPLE, help=_SIDE),
+    Spec("height", None, int, MIN_SIZE, MAX_SIZE, optional=True, multiple=SIZE_MULTIPLE, help=_SIDE),
+    Spec("num_images", 1, int, 1, MAX_IMAGES, help="image i uses seed + i"),
+    Spec("num_inference_steps", 4, int, 1, MAX_STEPS, help="denoising steps, one UNet pass each"),
+    Spec("guidance_scale", 8.0, float, MIN_GUIDANCE, MAX_GUIDANCE, help="embedded guidance, w = scale - 1"),
+    Spec("lcm_origin_steps", 50, int, 1, MAX_ORIGIN_STEPS, help="the teacher schedule's length"),
+    Spec("seed", None, int, 0, MAX_SEED, optional=True, help="random when left out; logged"),
+    Spec("clip_skip", 0, int, 0, MAX_CLIP_SKIP, help="text-encoder layers to skip from the end"),
+    Spec("output_format", "png", str, choices=OUTPUT_FORMATS, help="file format"),
+    Spec("output_quality", 90, int, 1, 100, help="webp and jpg quality"),
+    Spec("fast_decode", False, bool, help="decode with TAESD: faster, less fine detail"),
+    Spec("disable_safety_checker", False, bool, help="skip the safety checker"),
+)
+SPECS = {spec.name: spec for spec in INPUTS}
+_OMITTED = object()
+DEFAULT_STRENGTH = SPECS["prompt_strength"].default
 
 
 def random_seed() -> int:
@@ -46,36 +91,81 @@ def _integral(value: Any) -> Any:
     return value
 
 
-def _check_int(field: str, value: Any, low: int, high: int, extra: str = "") -> int:
-    value = _integral(value)
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise InputError(field, value, f"an integer from {low} to {high}{extra}")
-    if not low <= value <= high:
-        raise InputError(field, value, f"an integer from {low} to {high}{extra}")
+def check(spec: Spec, value: Any, low: Optional[float] = None, extra: str = "") -> Any:
+    """The value if `spec` allows it (None only where optional), else InputError naming the field."""
+    if value is None and spec.optional:
+        return None
+    low = spec.low if low is None else low
+    if spec.kind is bool:
+        if not isinstance(value, bool):
+            raise InputError(spec.name, value, "true or false")
+        return value
+    if spec.choices:
+        if value not in spec.choices:
+            raise InputError(spec.name, value, f"one of {', '.join(spec.choices)}")
+        return value
+    if spec.kind is float:
+        number = isinstance(value, (int, float)) and not isinstance(value, bool)
+        if not (number and math.isfinite(value) and low <= value <= spec.high):
+            raise InputError(spec.name, value, f"a number from {low} to {spec.high}")
+        return float(value)
+    if spec.kind is int:
+        return _check_int(spec, _integral(value), low, extra)
+    if spec.kind is str:
+        if not isinstance(value, str) or len(value) > spec.high:
+            raise InputError(spec.name, value, f"a string of at most {spec.high} characters")
+        return value
+    return value  # a Path: read and checked by images.load_input_image
+
+
+def _check_int(spec: Spec, value: Any, low: float, extra: str) -> int:
+    if spec.multiple > 1:
+        allowed = f"a multiple of {spec.multiple} from {spec.low} to {spec.high}"
+        if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= spec.high:
+            raise InputError(spec.name, value, allowed)
+        if value % spec.multiple:
+            lower = value - value % spec.multiple
+            raise InputError(spec.name, value, f"{allowed} (nearest: {lower} or {lower + spec.multiple})")
+        return value
+    if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= spec.high:
+        raise InputError(spec.name, value, f"an integer from {int(low)} to {int(spec.high)}{extra}")
     return value
 
 
-def _check_float(field: str, value: Any, low: float, high: float) -> float:
-    number = isinstance(value, (int, float)) and not isinstance(value, bool)
-    if not (number and math.isfinite(value) and low <= value <= high):
-        raise InputError(field, value, f"a number from {low} to {high}")
-    return float(value)
+def output_size(image_size: tuple[int, int], width: int | None, height: int | None) -> tuple[int, int]:
+    """The image-to-image output size: what was asked, with missing sides from the input image.
+
+    With neither side given, the input is scaled to fit 1024 without upscaling, unless its
+    shorter side is below 256, which is then raised to 256; a side given alone keeps the
+    input's aspect ratio for the other. Computed sides snap to the nearest multiple of 8
+    within [256, 1024], so extreme aspect ratios are cropped by images.fit_image, never squashed.
+    """
+    if width is not None and height is not None:
+        return width, height
+    w, h = image_size
+    if width is not None:
+        return width, _snap(width * h / w)
+    if height is not None:
+        return _snap(height * w / h), height
+    scale = min(1.0, MAX_SIZE / max(w, h))
+    if min(w, h) * scale < MIN_SIZE:
+        scale = min(MIN_SIZE / min(w, h), MAX_SIZE / max(w, h))
+    return _snap(w * scale), _snap(h * scale)
 
 
-def _check_size(field: str, value: Any) -> int:
-    allowed = f"a multiple of {SIZE_MULTIPLE} from {MIN_SIZE} to {MAX_SIZE}"
-    value = _integral(value)
-    if isinstance(value, bool) or not isinstance(value, int) or not MIN_SIZE <= value <= MAX_SIZE:
-        raise InputError(field, value, allowed)
-    if value % SIZE_MULTIPLE:
-        lower = value - value % SIZE_MULTIPLE
-        raise InputError(field, value, f"{allowed} (nearest: {lower} or {lower + SIZE_MULTIPLE})")
-    return value
+def _snap(side: float) -> int:
+    nearest = SIZE_MULTIPLE * math.floor(side / SIZE_MULTIPLE + 0.5)
+    return min(MAX_SIZE, max(MIN_SIZE, nearest))
 
 
 @dataclass(frozen=True)
 class Request:
-    """One generation request: everything that decides the output images and files."""
+    """One validated request: everything that decides the output images and files.
+
+    Its fields are the inputs' names, except that `image` is the fitted picture (its file's
+    hash in `image_sha256`) and the safety checker is named for what it does (`safety_checker`,
+    the negation of the input `disable_safety_checker`). Built only by `build`.
+    """
 
     prompt: str
     width: int
@@ -85,108 +175,64 @@ class Request:
     guidance_scale: float
     lcm_origin_steps: int
     seed: int
-    image: Optional[Image.Image] = field(default=None, compare=False, repr=False)  # fitted to width x height
-    image_sha256: Optional[str] = None
-    prompt_strength: float = DEFAULT_STRENGTH
-    clip_skip: int = 0
-    output_format: str = "png"
-    output_quality: int = 90
-    safety_checker: bool = True
-    fast_decode: bool = False
+    image: Optional[Image.Image] = field(compare=False, repr=False)  # fitted to width x height
+    image_sha256: Optional[str]
+    prompt_strength: float
+    clip_skip: int
+    output_format: str
+    output_quality: int
+    safety_checker: bool
+    fast_decode: bool
 
     @classmethod
-    def build(
-        cls,
-        prompt: str,
-        width: Optional[int] = None,
-        height: Optional[int] = None,
-        num_images: int = 1,
-        num_inference_steps: int = 4,
-        guidance_scale: float = 8.0,
-        lcm_origin_steps: int = 50,
-        seed: Optional[int] = None,
-        image: Optional[str | Path] = None,
-        prompt_strength: float = DEFAULT_STRENGTH,
-        clip_skip: int = 0,
-        output_format: str = "png",
-        output_quality: int = 90,
-        safety_checker: bool = True,
-        fast_decode: bool = False,
-    ) -> "Request":
-        """Validate every field, read the input image, resolve size and seed.
+    def build(cls, prompt: Any = _OMITTED, **inputs: Any) -> "Request":
+        """Validate every input, read the input image, resolve size and seed.
+
+        Takes INPUTS' names, the prompt also first by position; any left out takes its default.
 
         Raises InputError naming the first bad field. Without an image, width and height default
-        to 768; with one, they follow images.output_size and the image is fitted to them.
+        to 768; with one, they follow output_size and the image is fitted to them.
         """
-        from lcm import images  # images reads this module's limits
-
-        if not isinstance(prompt, str) or len(prompt) > MAX_PROMPT_CHARS:
-            raise InputError("prompt", prompt, f"a string of at most {MAX_PROMPT_CHARS} characters")
-        width = None if width is None else _check_size("width", width)
-        height = None if height is None else _check_size("height", height)
-        num_images = _check_int("num_images", num_images, 1, MAX_IMAGES)
-        num_inference_steps = _check_int("num_inference_steps", num_inference_steps, 1, MAX_STEPS)
-        guidance_scale = _check_float("guidance_scale", guidance_scale, MIN_GUIDANCE, MAX_GUIDANCE)
-        lcm_origin_steps = _check_int(
-            "lcm_origin_steps",
-            lcm_origin_steps,
-            num_inference_steps,
-            MAX_ORIGIN_STEPS,
-            f" (at least num_inference_steps={num_inference_steps})",
-        )
-        seed = random_seed() if seed is None else _check_int("seed", seed, 0, MAX_SEED)
-        prompt_strength = _check_float("prompt_strength", prompt_strength, 0.0, 1.0)
-        clip_skip = _check_int("clip_skip", clip_skip, 0, MAX_CLIP_SKIP)
-        if output_format not in OUTPUT_FORMATS:
-            raise InputError("output_format", output_format, f"one of {', '.join(OUTPUT_FORMATS)}")
-        output_quality = _check_int("output_quality", output_quality, 1, 100)
-        if not isinstance(safety_checker, bool):
-            raise InputError("disable_safety_checker", safety_checker, "true or false")
-        if not isinstance(fast_decode, bool):
-            raise InputError("fast_decode", fast_decode, "true or false")
-
-        fitted, digest = None, None
+        if prompt is not _OMITTED:
+            inputs["prompt"] = prompt
+        unknown = sorted(set(inputs) - set(SPECS))
+        if unknown:
+            raise TypeError(f"unknown input(s) {', '.join(unknown)}: the inputs are {', '.join(SPECS)}")
+        v = {spec.name: inputs.get(spec.name, spec.default) for spec in INPUTS}
+        steps = check(SPECS["num_inference_steps"], v["num_inference_steps"])
+        for spec in INPUTS:
+            if spec.name == "lcm_origin_steps":
+                v[spec.name] = check(spec, v[spec.name], steps, f" (at least num_inference_steps={steps})")
+            else:
+                v[spec.name] = check(spec, v[spec.name])
+        if v["seed"] is None:
+            v["seed"] = random_seed()
+        image, fitted, digest = v.pop("image"), None, None
+        width, height, strength = v["width"], v["height"], v["prompt_strength"]
         if image is None:
-            if prompt_strength != DEFAULT_STRENGTH:
+            if strength != DEFAULT_STRENGTH:
                 raise InputError(
-                    "prompt_strength",
-                    prompt_strength,
-                    "only with an image (it sets how much of the image changes)",
+                    "prompt_strength", strength, "only with an image (it sets how much of the image changes)"
                 )
             width, height = width or DEFAULT_SIZE, height or DEFAULT_SIZE
         else:
             loaded = images.load_input_image(image)  # checks size limits before anything is read whole
             digest = hashlib.sha256(Path(image).read_bytes()).hexdigest()
-            width, height = images.output_size(loaded.size, width, height)
+            width, height = output_size(loaded.size, width, height)
             fitted = images.fit_image(loaded, width, height)
-            used = int(lcm_origin_steps * prompt_strength)
-            if used < num_inference_steps:
-                least = math.ceil(num_inference_steps / lcm_origin_steps * 100) / 100
+            origin = v["lcm_origin_steps"]
+            used = int(origin * strength)
+            if used < steps:
+                least = math.ceil(steps / origin * 100) / 100
                 raise InputError(
                     "prompt_strength",
-                    prompt_strength,
-                    f"at least {least} with num_inference_steps={num_inference_steps} and "
-                    f"lcm_origin_steps={lcm_origin_steps} (each step needs one of the "
-                    f"lcm_origin_steps x prompt_strength = {used} timesteps left)",
+                    strength,
+                    f"at least {least} with num_inference_steps={steps} and lcm_origin_steps={origin} (each "
+                    f"step needs one of the lcm_origin_steps x prompt_strength = {used} timesteps left)",
                 )
-        return cls(
-            prompt=prompt,
-            width=width,
-            height=height,
-            num_images=num_images,
-            num_inference_steps=num_inference_steps,
-            guidance_scale=guidance_scale,
-            lcm_origin_steps=lcm_origin_steps,
-            seed=seed,
-            image=fitted,
-            image_sha256=digest,
-            prompt_strength=prompt_strength,
-            clip_skip=clip_skip,
-            output_format=output_format,
-            output_quality=output_quality,
-            safety_checker=safety_checker,
-            fast_decode=fast_decode,
-        )
+        v.update(width=width, height=height, image=fitted, image_sha256=digest)
+        v["safety_checker"] = not v.pop("disable_safety_checker")
+        return cls(**v)
 
     @property
     def seeds(self) -> list[int]:
@@ -203,7 +249,11 @@ class Request:
 
     @classmethod
     def from_metadata(cls, meta: dict[str, Any], image: Optional[str | Path] = None) -> "Request":
-        """The one-image request a file's metadata describes; its input image must be the same file."""
+        """The one-image request a file's metadata describes; its input image must be the same file.
+
+        The file holds the inputs under their own names (see `metadata`); the safety checker is
+        not among them, so the regenerated request runs it by default.
+        """
         wanted = meta.get("image_sha256")
         if wanted is not None:
             if image is None:
@@ -213,22 +263,5 @@ class Request:
                 raise InputError(
                     "image", str(image), f"the input image with sha256 {wanted}; this one is {found}"
                 )
-        keys = (
-            "prompt",
-            "width",
-            "height",
-            "num_inference_steps",
-            "guidance_scale",
-            "lcm_origin_steps",
-            "seed",
-            "prompt_strength",
-            "clip_skip",
-            "output_format",
-            "output_quality",
-            "fast_decode",
-        )
-        try:
-            kwargs = {key: meta[key] for key in keys if key in meta}
-            return cls.build(**kwargs, image=image if wanted else None)
-        except TypeError as exc:
-            raise InputError("file", meta, f"metadata written by this project ({exc})") from exc
+        stored = {spec.name: meta[spec.name] for spec in INPUTS if spec.name in meta and spec.name != "image"}
+        return cls.build(**stored, image=image if wanted else None)

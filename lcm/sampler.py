@@ -57,7 +57,7 @@ class StepPlan:
     noise: Optional[torch.Tensor]  # (steps - 1, N, C, H, W) on the device, None for one step
 
 
-def fused_step_supported(scheduler: LCMScheduler) -> bool:
+def planned_step_supported(scheduler: LCMScheduler) -> bool:
     """The plan covers epsilon prediction without thresholding or clipping: this checkpoint's config."""
     config = scheduler.config
     return config.prediction_type == "epsilon" and not config.thresholding and not config.clip_sample
@@ -110,13 +110,13 @@ def sample(
     guidance_scale: float,
     generators: list[torch.Generator],
     on_step: Optional[Callable[[int, torch.Tensor], None]] = None,
-    fused: bool = True,
+    planned: bool = True,
 ) -> torch.Tensor:
     """Run the scheduler's timesteps from `latents`; return the final denoised latents.
 
     The scheduler must already hold its timesteps (set_timesteps); `latents` are the starting
     sample, already scaled (pure noise for text to image, the noised image for image to image).
-    `fused` runs the host-planned step (same arithmetic and noise as `scheduler.step`, no
+    `planned` runs the host-planned step (same arithmetic and noise as `scheduler.step`, no
     device-to-host waits); otherwise diffusers' `scheduler.step` runs each step.
     """
     batch = latents.shape[0]
@@ -125,7 +125,9 @@ def sample(
     )
     if prompt_embeds.shape[0] != batch:
         prompt_embeds = prompt_embeds.expand(batch, -1, -1)
-    plan = plan_steps(scheduler, generators, latents) if fused and fused_step_supported(scheduler) else None
+    plan = (
+        plan_steps(scheduler, generators, latents) if planned and planned_step_supported(scheduler) else None
+    )
     denoised = latents
     for i, t in enumerate(scheduler.timesteps):  # on the device: the UNet takes them without a copy
         model_pred = unet(

@@ -41,7 +41,7 @@ class Predictor(predict.Predictor):
         current = {"predict": 0}
         for module in (pipe.unet, pipe.vae, pipe.text_encoder, pipe.safety_checker):
             module.register_forward_pre_hook(lambda *_: model_threads.add(threading.get_ident()))
-        submit, log = engine.submit, engine.log
+        submit, log = engine.submit, engine.log_generation
 
         def submit_noting_thread(*args: Any, **kwargs: Any) -> Any:
             model_threads.clear()
@@ -56,4 +56,4 @@ class Predictor(predict.Predictor):
                 flush=True,
             )
 
-        engine.submit, engine.log = submit_noting_thread, log_with_probe
+        engine.submit, engine.log_generation = submit_noting_thread, log_with_probe

@@ -9,13 +9,13 @@ import numpy as np
 import pytest
 import torch
 
-from lcm import accel
+from lcm import accel, allocator
 from lcm.engine import Engine
 from lcm.errors import LCMError
 from lcm.params import Request
 
 OFF = {
-    "LCM_FUSED_STEP": "0",
+    "LCM_PLANNED_STEP": "0",
     "LCM_CHANNELS_LAST": "0",
     "LCM_FUSE_QKV": "0",
     "LCM_COMPILE": "0",
@@ -37,7 +37,7 @@ def request(**kw) -> Request:
             "seed": 21,
             "num_images": 2,
             "num_inference_steps": 3,
-            "safety_checker": False,
+            "disable_safety_checker": True,
             **kw,
         }
     )
@@ -60,8 +60,8 @@ def load_with(tiny_checkpoint, monkeypatch, **env: str) -> Engine:
 
 
 @pytest.mark.parametrize("image", [False, True])
-def test_fused_step_matches_scheduler_step(baseline, tiny_checkpoint, monkeypatch, image, tmp_path):
-    fused = load_with(tiny_checkpoint, monkeypatch, LCM_FUSED_STEP="1")
+def test_planned_step_matches_scheduler_step(baseline, tiny_checkpoint, monkeypatch, image, tmp_path):
+    planned = load_with(tiny_checkpoint, monkeypatch, LCM_PLANNED_STEP="1")
     kw = {}
     if image:
         from PIL import Image
@@ -69,12 +69,12 @@ def test_fused_step_matches_scheduler_step(baseline, tiny_checkpoint, monkeypatc
         path = tmp_path / "in.png"
         Image.fromarray(np.linspace(0, 255, 256 * 256 * 3).reshape(256, 256, 3).astype(np.uint8)).save(path)
         kw = {"image": str(path), "num_inference_steps": 2}
-    ours = fused.generate(request(**kw)).pixels
+    ours = planned.generate(request(**kw)).pixels
     ref = baseline.generate(request(**kw)).pixels
     assert max_diff(ours, ref) <= 1
 
 
-def test_fused_step_equals_scheduler_step_on_latents(baseline):
+def test_planned_step_equals_scheduler_step_on_latents(baseline):
     """Tighter than pixels: the denoised latents themselves."""
     from lcm import sampler
 
@@ -82,11 +82,11 @@ def test_fused_step_equals_scheduler_step_on_latents(baseline):
     req = request()
     embeds = torch.zeros(1, 77, pipe.text_encoder.config.hidden_size)
     runs = []
-    for fused in (False, True):
+    for planned in (False, True):
         gens = sampler.generators_for(req.seeds)
         sched = baseline.scheduler(req)
         start = baseline.start_latents(req, sched, gens)
-        runs.append(sampler.sample(pipe.unet, sched, embeds, start, 8.0, gens, fused=fused))
+        runs.append(sampler.sample(pipe.unet, sched, embeds, start, 8.0, gens, planned=planned))
     torch.testing.assert_close(runs[0], runs[1], rtol=1e-4, atol=1e-5)
 
 
@@ -104,10 +104,13 @@ def test_bfloat16_vae_stays_close(baseline, tiny_checkpoint, monkeypatch):
     assert np.abs(ours.astype(float) - ref).mean() < 1.5 and max_diff(ours, ref) <= 12
 
 
-def test_cpu_defaults():
+def test_cpu_defaults(monkeypatch):
+    for name in OFF:
+        monkeypatch.delenv(name, raising=False)
     cpu = accel.Accel.from_env(torch.device("cpu"), torch.float32, SimpleNamespace(force_upcast=True))
-    assert cpu.fused_step and cpu.channels_last and not (cpu.compile or cpu.cuda_graphs or cpu.fuse_qkv)
-    assert cpu.hold_memory == (accel.glibc() is not None)
+    assert cpu == accel.Accel()  # an Engine made without settings runs what Engine.load runs
+    assert cpu.planned_step and cpu.channels_last and not (cpu.compile or cpu.cuda_graphs or cpu.fuse_qkv)
+    assert cpu.hold_memory == (allocator.glibc() is not None)
     assert cpu.vae_dtype is None
     assert (
         accel.vae_dtype(torch.device("cpu"), torch.float16, SimpleNamespace(force_upcast=True))
@@ -125,7 +128,7 @@ def test_cuda_defaults_are_the_unmeasured_safe_ones(monkeypatch):
     """Nothing unmeasured on CUDA: no compile, no CUDA graphs, no channels_last, no fused QKV."""
     monkeypatch.setattr(torch.cuda, "is_bf16_supported", fake_bf16(True))
     cuda = accel.Accel.from_env(torch.device("cuda"), torch.float16, SimpleNamespace(force_upcast=True))
-    assert cuda.fused_step and cuda.vae_dtype == torch.bfloat16
+    assert cuda.planned_step and cuda.vae_dtype == torch.bfloat16
     assert not (cuda.compile or cuda.cuda_graphs or cuda.channels_last or cuda.fuse_qkv or cuda.hold_memory)
 
 
@@ -184,7 +187,7 @@ def _faults_of_a_fresh_buffer(nbytes: int) -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before
 
 
-@pytest.mark.skipif(accel.glibc() is None, reason="mallopt is glibc's: Linux with glibc only")
+@pytest.mark.skipif(allocator.glibc() is None, reason="mallopt is glibc's: Linux with glibc only")
 def test_held_memory_is_reused_without_page_faults():
     nbytes = 64 * 2**20  # above glibc's 32 MiB ceiling for heap buffers
     pages = nbytes // resource.getpagesize()
@@ -196,23 +199,23 @@ def test_held_memory_is_reused_without_page_faults():
         return min(_faults_of_a_fresh_buffer(nbytes) for _ in range(3))
 
     try:
-        assert accel.hold_freed_memory(False)
+        assert allocator.hold_freed_memory(False)
         mapped_afresh = fewest_faults()
-        assert accel.hold_freed_memory(True)
+        assert allocator.hold_freed_memory(True)
         held = fewest_faults()
     finally:
-        accel.hold_freed_memory(False)
+        allocator.hold_freed_memory(False)
     assert held < pages // 20, (held, pages)
     assert mapped_afresh > 10 * held, (mapped_afresh, held)
 
 
 ENGINE_THREAD_FAULTS = """
 import resource, sys, torch
-from lcm import accel
+from lcm import allocator
 from lcm.worker import EngineThread
 
 if sys.argv[1] == "held":
-    accel.hold_freed_memory(True)  # as Engine.load does, before its thread starts
+    allocator.hold_freed_memory(True)  # as Engine.load does, before its thread starts
 thread = EngineThread()
 
 def fewest_faults(nbytes):
@@ -228,7 +231,7 @@ print(thread.call(fewest_faults, 100 * 2**20))
 """
 
 
-@pytest.mark.skipif(accel.glibc() is None, reason="mallopt is glibc's: Linux with glibc only")
+@pytest.mark.skipif(allocator.glibc() is None, reason="mallopt is glibc's: Linux with glibc only")
 def test_the_engine_thread_reuses_held_memory_like_the_main_thread():
     """A thread's own glibc arena maps buffers over 64 MiB afresh whatever the thresholds say: the
     engine thread, started after hold_freed_memory(True), must share the main arena instead."""

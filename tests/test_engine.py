@@ -139,27 +139,19 @@ def test_missing_seed_is_drawn_from_32_bits():
     assert request(seed=0).seed == 0
 
 
-def test_predict_py_bounds_are_the_engine_limits():
-    """predict.py repeats the limits as literals for cog build's static parser: keep them equal."""
+def test_predict_py_spells_every_input_as_the_engine_declares_it():
+    """predict.py repeats INPUTS as literals for cog build's static parser: name, order, default,
+    bounds and choices must stay equal to lcm.params, the one place they are declared."""
     import inspect
 
     import predict
 
-    inputs = inspect.signature(predict.Predictor.predict).parameters
-    expected = {
-        "width": (params.MIN_SIZE, params.MAX_SIZE),
-        "height": (params.MIN_SIZE, params.MAX_SIZE),
-        "num_images": (1, params.MAX_IMAGES),
-        "num_inference_steps": (1, params.MAX_STEPS),
-        "guidance_scale": (params.MIN_GUIDANCE, params.MAX_GUIDANCE),
-        "lcm_origin_steps": (1, params.MAX_ORIGIN_STEPS),
-        "seed": (0, params.MAX_SEED),
-        "prompt_strength": (0, 1),
-        "clip_skip": (0, params.MAX_CLIP_SKIP),
-        "output_quality": (1, 100),
-    }
-    for name, bounds in expected.items():
-        field = inputs[name].default
-        assert (field.ge, field.le) == bounds, name
-    assert inputs["output_format"].default.choices == list(params.OUTPUT_FORMATS)
-    assert inputs["prompt_strength"].default.default == params.DEFAULT_STRENGTH
+    inputs = list(inspect.signature(predict.Predictor.predict).parameters.values())[1:]
+    assert [p.name for p in inputs] == [spec.name for spec in params.INPUTS]
+    for parameter, spec in zip(inputs, params.INPUTS, strict=True):
+        declared = parameter.default
+        assert declared.default == spec.default, spec.name
+        if spec.kind in (int, float):
+            assert (declared.ge, declared.le) == (spec.low, spec.high), spec.name
+        assert list(declared.choices or []) == list(spec.choices), spec.name
+    assert predict.DEFAULT_PROMPT == params.DEFAULT_PROMPT

@@ -21,7 +21,7 @@ from safetensors.torch import load_file, save_file
 from cogserver import ROOT, CogServer
 from fault_predictor import OOM_MARKER
 from lcm.errors import LCMError, WeightsError
-from lcm.loading import load_pipeline, load_tiny_decoder
+from lcm.loading import load_pipeline, load_taesd
 from lcm.params import Request
 from lcm.weights import write_manifest
 
@@ -37,7 +37,9 @@ def oom(*args, **kwargs):
 
 @pytest.mark.parametrize("where", ["unet", "vae"])
 def test_out_of_memory_fails_that_request_frees_memory_and_the_next_works(engine, monkeypatch, where):
-    small = dict(prompt="a cat", width=256, height=256, num_inference_steps=1, seed=3, safety_checker=False)
+    small = dict(
+        prompt="a cat", width=256, height=256, num_inference_steps=1, seed=3, disable_safety_checker=True
+    )
     request, alone = Request.build(**small, num_images=2), Request.build(**small)
     before = engine.generate(alone).pixels
     freed: list[bool] = []
@@ -261,9 +263,9 @@ def test_truncated_tiny_decoder_is_named_and_an_absent_one_is_allowed(tiny_check
     with pytest.raises(
         WeightsError, match="taesd/diffusion_pytorch_model.safetensors .* truncated or corrupt"
     ):
-        load_tiny_decoder(root, CPU, torch.float32)
+        load_taesd(root, CPU, torch.float32)
     shutil.rmtree(root / "taesd")
-    assert load_tiny_decoder(root, CPU, torch.float32) is None
+    assert load_taesd(root, CPU, torch.float32) is None
 
 
 SERVED_BREAKAGES = ["truncated-unet", "unet-config-mismatch", "missing-vae"]

@@ -83,7 +83,7 @@ def test_img2img_equals_diffusers_img2img_pipeline(engine, tiny_checkpoint, phot
             prompt_strength=strength,
             num_inference_steps=steps,
             seed=3,
-            safety_checker=False,
+            disable_safety_checker=True,
         )
     ).pixels[0]
     assert max_diff(ours, to_uint8(ref)) <= 1
@@ -147,9 +147,9 @@ def test_clip_skip_uses_the_output_of_layer_L_minus_k(engine, clip_skip):
     with torch.no_grad():
         embeds = cut(ids.input_ids)[0]
     out = reference_image(engine, prompt_embeds=embeds)
-    ours = engine.generate(request(num_inference_steps=2, clip_skip=clip_skip, safety_checker=False)).pixels[
-        0
-    ]
+    ours = engine.generate(
+        request(num_inference_steps=2, clip_skip=clip_skip, disable_safety_checker=True)
+    ).pixels[0]
     assert max_diff(ours, to_uint8(out)) <= 1
     assert not np.array_equal(ours, engine.generate(request(num_inference_steps=2)).pixels[0])
 
@@ -186,7 +186,7 @@ def test_all_flagged_fails_with_advice(engine, flag_everything, tmp_path):
 
 
 def test_disabling_the_checker_returns_every_image(engine, flag_everything, tmp_path):
-    paths = engine.generate_files(request(num_images=2, safety_checker=False), tmp_path)
+    paths = engine.generate_files(request(num_images=2, disable_safety_checker=True), tmp_path)
     assert len(paths) == 2
 
 
@@ -201,7 +201,7 @@ def test_flagged_images_are_left_out_not_blacked(engine, tmp_path, monkeypatch, 
 
 def test_checker_not_run_when_disabled(engine, monkeypatch):
     monkeypatch.setattr("lcm.safety.flag_nsfw", lambda *a: pytest.fail("checker ran"))
-    assert engine.generate(request(safety_checker=False)).nsfw == [False]
+    assert engine.generate(request(disable_safety_checker=True)).nsfw == [False]
 
 
 # --- files ----------------------------------------------------------------------------------------------

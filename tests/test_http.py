@@ -23,10 +23,6 @@ def png_images(output: list[str]) -> list[tuple[bytes, Image.Image]]:
     return result
 
 
-def test_health_is_ready(server):
-    assert server.health()["status"] == "READY"
-
-
 def test_prediction_returns_requested_pngs(server):
     status, body = server.predict(
         prompt="a red fox", num_images=2, seed=7, width=320, height=256, num_inference_steps=2

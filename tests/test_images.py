@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import struct
-import time
 import warnings
 import zlib
 from pathlib import Path
@@ -12,7 +11,7 @@ import numpy as np
 import pytest
 from PIL import ExifTags, Image, ImageFile
 
-from lcm import images
+from lcm import images, params
 from lcm.errors import InputError
 from lcm.params import MAX_SIZE, MIN_SIZE, SIZE_MULTIPLE
 
@@ -146,15 +145,13 @@ class _LoadSpy:
         monkeypatch.setattr(ImageFile.ImageFile, "load", load)
 
 
-def test_decompression_bomb_header_is_refused_fast_without_decoding(tmp_path, monkeypatch):
+def test_decompression_bomb_header_is_refused_without_decoding(tmp_path, monkeypatch):
     # A valid 20000x20000 RGB header with a few bytes of IDAT: 1.2 GB if it were decoded.
     path = write(tmp_path, "bomb.png", png_bytes(20_000, 20_000, 8, 2, b"\x00" * 100))
     assert path.stat().st_size < 200
     spy = _LoadSpy(monkeypatch)
-    start = time.perf_counter()
     message = refusal(path)
-    assert time.perf_counter() - start < 1.0
-    assert spy.sizes == []
+    assert spy.sizes == []  # refused from the header: no pixel was decoded
     assert message == (
         "image='bomb.png' is not allowed: a PNG, JPEG, WebP, GIF, BMP or TIFF image of at most "
         "50 megapixels and 50 MB; this one has over 178 megapixels"
@@ -223,7 +220,7 @@ def test_loaded_image_is_independent_of_the_file(tmp_path):
 def test_one_pixel_png_loads_and_scales_up_to_the_minimum(tmp_path):
     image = loaded(save(tmp_path, "dot.png", Image.new("RGB", (1, 1), RED), format="PNG"))
     assert image.size == (1, 1)
-    size = images.output_size(image.size, None, None)
+    size = params.output_size(image.size, None, None)
     assert size == (256, 256)
     fitted = images.fit_image(image, *size)
     assert fitted.size == (256, 256)
@@ -352,13 +349,13 @@ def test_webp_loads(tmp_path):
     ],
 )
 def test_output_size(image_size, width, height, expected):
-    assert images.output_size(image_size, width, height) == expected
+    assert params.output_size(image_size, width, height) == expected
 
 
 @pytest.mark.parametrize("image_size", [(1, 1), (7, 3), (255, 257), (999, 1001), (5000, 100), (100, 5000)])
 @pytest.mark.parametrize("width,height", [(None, None), (256, None), (None, 1024), (None, 520)])
 def test_output_size_is_always_a_valid_size(image_size, width, height):
-    for side in images.output_size(image_size, width, height):
+    for side in params.output_size(image_size, width, height):
         assert MIN_SIZE <= side <= MAX_SIZE and side % SIZE_MULTIPLE == 0
 
 

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from PIL import ExifTags, Image
 
-from lcm import images, metadata
+from lcm import images, metadata, params
 from lcm.errors import InputError
 from lcm.params import MAX_PROMPT_CHARS, Request
 
@@ -45,7 +45,7 @@ def pixels(width: int = 48, height: int = 32) -> np.ndarray:
     return np.random.default_rng(0).integers(0, 256, (height, width, 3), dtype=np.uint8)
 
 
-@pytest.mark.parametrize("fmt", images.OUTPUT_FORMATS)
+@pytest.mark.parametrize("fmt", params.OUTPUT_FORMATS)
 @pytest.mark.parametrize("prompt", PROMPTS.values(), ids=PROMPTS.keys())
 def test_metadata_round_trips(tmp_path, fmt, prompt):
     written = meta(prompt)
@@ -54,7 +54,7 @@ def test_metadata_round_trips(tmp_path, fmt, prompt):
     assert metadata.read_metadata(path) == written
 
 
-@pytest.mark.parametrize("fmt", images.OUTPUT_FORMATS)
+@pytest.mark.parametrize("fmt", params.OUTPUT_FORMATS)
 def test_written_files_open_with_their_format_and_size(tmp_path, fmt):
     path = images.save_image(pixels(48, 32), tmp_path / "out", fmt, 90, meta())
     with Image.open(path) as image:
@@ -88,7 +88,7 @@ def test_quality_does_not_change_png_bytes(tmp_path):
     assert low.read_bytes() == high.read_bytes()
 
 
-@pytest.mark.parametrize("fmt", images.OUTPUT_FORMATS)
+@pytest.mark.parametrize("fmt", params.OUTPUT_FORMATS)
 def test_same_input_gives_same_bytes(tmp_path, fmt):
     first = images.save_image(pixels(), tmp_path / "a", fmt, 80, meta(TRICKY))
     second = images.save_image(pixels(), tmp_path / "b", fmt, 80, meta(TRICKY))

@@ -77,7 +77,7 @@ def test_cli_writes_the_same_pngs_as_predict(predictor, tiny_checkpoint, tmp_pat
             "256",
             "--num-images",
             "2",
-            "--steps",
+            "--num-inference-steps",
             "2",
             "--seed",
             "99",

@@ -20,7 +20,7 @@ import torch
 from PIL import Image
 
 from cogserver import ROOT
-from lcm.loading import load_pipeline, load_tiny_decoder
+from lcm.loading import load_pipeline, load_taesd
 from lcm.params import Request
 
 SOURCES = sorted([*(ROOT / "lcm").rglob("*.py"), ROOT / "predict.py"])
@@ -128,7 +128,7 @@ def test_only_safetensors_are_read_even_beside_planted_pickles(tiny_checkpoint, 
     for module, name in [(pickle, "load"), (pickle, "loads"), (pickle, "Unpickler"), (torch, "load")]:
         monkeypatch.setattr(module, name, refuse(f"{module.__name__}.{name}"))
     pipe = load_pipeline(root, CPU, torch.float32)
-    assert load_tiny_decoder(root, CPU, torch.float32) is not None
+    assert load_taesd(root, CPU, torch.float32) is not None
     assert pipe.unet is not None and pipe.safety_checker is not None
     assert reads == [] and not marker.exists()
 
@@ -172,7 +172,7 @@ def test_output_files_are_named_from_the_seed_only(engine, tmp_path, prompt):
         num_images=2,
         num_inference_steps=1,
         seed=40,
-        safety_checker=False,
+        disable_safety_checker=True,
     )
     paths = engine.generate_files(request, out)
     assert [p.name for p in paths] == ["lcm-40.png", "lcm-41.png"]

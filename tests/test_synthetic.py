@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import time
 from pathlib import Path
 
 import numpy as np
@@ -84,10 +83,8 @@ def test_full_components_have_the_real_parameter_counts(component: str) -> None:
     assert round(count / 1e6, 1) == FULL_PARAMS_M[component]
 
 
-def test_tiny_builds_in_seconds_with_the_real_layout(tmp_path: Path) -> None:
-    start = time.perf_counter()
+def test_tiny_builds_with_the_real_layout(tmp_path: Path) -> None:
     root = build_checkpoint(tmp_path / "ckpt", "tiny", seed=0)
-    assert time.perf_counter() - start < 30
     assert root == tmp_path / "ckpt"
     assert _files(root) == checkpoint_files()
     assert not [p for p in root.rglob("*") if p.suffix in {".bin", ".pt", ".pth", ".ckpt"}]
