@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import logging
-import pathlib
+import os
 import shutil
 import tempfile
-from typing import List, Optional
+from typing import Callable, List, Optional
 
+import cog.types
 from cog import BasePredictor, Input, Path
 
 from lcm.engine import Engine
@@ -17,6 +18,26 @@ from lcm.params import Request
 # Literals for cog build's static parser; tests/test_engine.py holds them to lcm.params.INPUTS.
 DEFAULT_PROMPT = "Self-portrait oil painting, a beautiful cyborg with golden hair, 8k"
 OUTPUT_FORMATS = ["png", "webp", "jpg"]
+
+
+_DOWNLOADED: set[str] = set()  # files Cog downloaded for inputs since the last predict() began
+
+
+def _recording(convert: Callable[[cog.types.URLPath], Path]) -> Callable[[cog.types.URLPath], Path]:
+    def convert_and_record(self: cog.types.URLPath) -> Path:
+        path = convert(self)
+        _DOWNLOADED.add(os.fspath(path))
+        return path
+
+    convert_and_record.records_downloads = True  # type: ignore[attr-defined]
+    return convert_and_record
+
+
+# Cog downloads each URL or data: input with URLPath.convert just before predict() runs, into a
+# file directly under the temp directory; any other string reaches predict() as Path(string), of
+# the same type. Recording what convert made is what tells this request's download from a path.
+if not getattr(cog.types.URLPath.convert, "records_downloads", False):
+    cog.types.URLPath.convert = _recording(cog.types.URLPath.convert)
 
 
 class Predictor(BasePredictor):
@@ -116,11 +137,13 @@ class Predictor(BasePredictor):
         raised here, sets the request's cancel flag, and the engine stops at its next step.
         """
         inputs = {name: value for name, value in locals().items() if name != "self"}  # by their own names
+        downloaded = set(_DOWNLOADED)
+        _DOWNLOADED.clear()
         self._remove_previous_outputs()
         self.output_dir = tempfile.mkdtemp(prefix="lcm-")
         job = None
         try:
-            refuse_server_paths(image)
+            refuse_server_paths(image, downloaded)
             request = Request.build(**inputs)
             job = self.engine.submit(request, self.output_dir)
             paths = job.result()
@@ -138,13 +161,11 @@ class Predictor(BasePredictor):
             self.output_dir = None
 
 
-def refuse_server_paths(image: object) -> None:
-    """Accept only an image Cog fetched from a URL or data: URL into its temporary directory.
+def refuse_server_paths(image: object, downloaded: set[str]) -> None:
+    """Refuse any image but a file Cog downloaded for this prediction from an http(s) or data: URL.
 
-    Cog hands any other string on as it is, which would let a caller read files on the server.
+    Cog hands any other string on as a path, which would let a caller read files on the server,
+    another request's upload among them.
     """
-    if image is None:
-        return
-    temp = pathlib.Path(tempfile.gettempdir()).resolve()
-    if not isinstance(image, pathlib.Path) or pathlib.Path(image).resolve().parent != temp:
+    if image is not None and os.fspath(image) not in downloaded:
         raise InputError("image", str(image), "an http(s) or data: URL; paths on the server are not accepted")

@@ -25,6 +25,8 @@ A step that would start with less than its expected time left is skipped, and sa
 from __future__ import annotations
 
 import argparse
+import base64
+import io
 import json
 import os
 import subprocess
@@ -164,7 +166,7 @@ def step_predictor_threads(args: argparse.Namespace) -> None:
     for name, value in _compiled_env(args.device).items():
         os.environ.setdefault(name, value)
     os.environ["LCM_WEIGHTS_DIR"], os.environ["LCM_DEVICE"] = str(args.weights), args.device
-    import cog
+    import cog.types
 
     import predict
 
@@ -174,15 +176,19 @@ def step_predictor_threads(args: argparse.Namespace) -> None:
     setup.start()
     setup.join()
     _say(f"setup on thread 'setup' ({os.environ.get('LCM_COMPILE')=}): {time.perf_counter() - start:.1f}s")
-    fd, name = tempfile.mkstemp(suffix=".png")  # directly in the temp dir, where Cog puts downloads
-    os.close(fd)
-    Image.new("RGB", (768, 768), (120, 90, 60)).save(name)
+    buffer = io.BytesIO()
+    Image.new("RGB", (768, 768), (120, 90, 60)).save(buffer, format="PNG")
+    url = "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode()
+
+    def downloaded() -> Any:  # as the worker hands it over: downloaded by URLPath.convert for this request
+        return cog.types.Path.validate(url).convert()
+
     cases = [
         ("768x768", {}),
         ("768x768 again", {}),
         ("512x512", {"width": 512, "height": 512}),
         ("num_images=4", {"num_images": 4}),
-        ("image to image", {"image": cog.Path(name)}),
+        ("image to image", {"image": downloaded}),
         (f"{LONG_TOKENS}-token prompt", {"prompt": _long_prompt(predictor.engine.pipe.tokenizer)}),
     ]
     defaults = {k: getattr(v.default, "default", v.default) for k, v in _predict_parameters(predict).items()}
@@ -191,7 +197,8 @@ def step_predictor_threads(args: argparse.Namespace) -> None:
 
         def run(inputs: dict[str, Any] = inputs, outcome: dict[str, str] = outcome) -> None:
             try:
-                paths = predictor.predict(**{**defaults, "seed": 1, "disable_safety_checker": True, **inputs})
+                given = {key: value() if callable(value) else value for key, value in inputs.items()}
+                paths = predictor.predict(**{**defaults, "seed": 1, "disable_safety_checker": True, **given})
                 outcome["result"] = f"ok, {len(paths)} file(s)"
             except BaseException as exc:  # the finding
                 outcome["result"] = f"FAILED {type(exc).__name__}: {str(exc).splitlines()[0][:300]}"
@@ -207,7 +214,6 @@ def step_predictor_threads(args: argparse.Namespace) -> None:
             f"{label} from thread predict-{i % 3}: {outcome['result']} in {seconds:.2f}s; "
             f"dynamo frames {before[0]} -> {after[0]}, unique graphs {before[1]} -> {after[1]}"
         )
-    os.unlink(name)
 
 
 def _long_prompt(tokenizer: Any) -> str:

@@ -102,3 +102,35 @@ def test_cli_reports_bad_input_and_missing_weights(tmp_path, capsys):
     assert "width=100" in capsys.readouterr().err
     assert cli_main(["generate", "x", "--out", str(tmp_path), "--weights", str(tmp_path / "none")]) == 2
     assert "download-weights" in capsys.readouterr().err
+
+
+def test_only_the_file_cog_downloaded_for_this_prediction_is_read(predictor):
+    """A path directly in the temp directory, where Cog saves every download (tmp<random><name>),
+    is refused whether it arrives as the string coglet 0.23.1 passes on or as the cog.Path that
+    Cog's own input normaliser (cog._adt) makes of it; the same bytes sent as a data: URL, which
+    Cog downloads with URLPath.convert, are read."""
+    import base64
+    import os
+    import tempfile
+
+    import cog.types
+
+    from lcm.errors import InputError
+
+    fd, name = tempfile.mkstemp(prefix="tmp", suffix="upload.png", dir=tempfile.gettempdir())
+    os.close(fd)
+    try:
+        Image.new("RGB", (256, 256), (9, 8, 7)).save(name)
+        args = dict(ARGS, num_images=1, width=None, height=None)
+        for given in (name, cog.types.Path.validate(name)):
+            with pytest.raises(InputError, match=f"image='{name}' is not allowed"):
+                predictor.predict(**dict(args, image=given))
+        url = "data:image/png;base64," + base64.b64encode(open(name, "rb").read()).decode()
+        downloaded = cog.types.Path.validate(url).convert()
+        assert os.path.dirname(downloaded) == tempfile.gettempdir()
+        assert len(predictor.predict(**dict(args, image=downloaded))) == 1
+        with pytest.raises(InputError, match="image="):  # a download counts for its own prediction only
+            predictor.predict(**dict(args, image=downloaded))
+        os.unlink(downloaded)
+    finally:
+        os.unlink(name)

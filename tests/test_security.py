@@ -28,7 +28,7 @@ CPU = torch.device("cpu")
 
 # Run in a fresh interpreter, so the socket functions are blocked before any library is imported.
 NO_NETWORK_RUN = """
-import inspect, json, socket, sys, urllib.request
+import base64, inspect, json, socket, sys, urllib.request
 from pathlib import Path
 
 attempts = []
@@ -55,7 +55,10 @@ defaults = {
 }
 small = dict(defaults, width=256, height=256, num_inference_steps=1, seed=1)
 files = [p.name for p in predictor.predict(**small)]
-files += [p.name for p in predictor.predict(**dict(small, image=Path(sys.argv[1]), width=None, height=None))]
+# The image as Cog's worker hands it over: a data: URL, downloaded by URLPath.convert.
+url = "data:image/png;base64," + base64.b64encode(Path(sys.argv[1]).read_bytes()).decode()
+image = predict.cog.types.Path.validate(url).convert()
+files += [p.name for p in predictor.predict(**dict(small, image=image, width=None, height=None))]
 made = list(attempts)
 try:  # the block itself works: a deliberate request is caught
     urllib.request.urlopen("http://127.0.0.1:9/", timeout=1)
@@ -190,3 +193,23 @@ def test_a_server_local_path_is_not_accepted_as_an_image(server, tmp_path):
     status, body = server.predict(prompt="x", image=str(secret), num_inference_steps=1)
     assert status == 200 and body["status"] == "failed", body
     assert "image=" in body["error"] and "URL" in body["error"]
+
+
+def test_a_file_directly_in_the_temp_directory_is_not_accepted_as_an_image(server):
+    """Cog saves every download directly under the temp directory, as tmp<random><name>: a path
+    there, named like another request's upload, must not pass for this request's download."""
+    import base64
+    import tempfile
+
+    fd, name = tempfile.mkstemp(prefix="tmp", suffix="upload.png", dir=tempfile.gettempdir())
+    os.close(fd)
+    try:
+        Image.new("RGB", (256, 256), (9, 8, 7)).save(name)
+        status, body = server.predict(prompt="x", image=name, num_inference_steps=1)
+        assert status == 200 and body["status"] == "failed", body
+        assert f"image='{name}' is not allowed" in body["error"] and "not accepted" in body["error"]
+        data = "data:image/png;base64," + base64.b64encode(Path(name).read_bytes()).decode()
+        status, body = server.predict(prompt="x", image=data, num_inference_steps=1)
+        assert status == 200 and body["status"] == "succeeded", body  # the same bytes, sent
+    finally:
+        os.unlink(name)
