@@ -76,7 +76,7 @@ class Predictor(BasePredictor):
             le=1024,
         ),
         num_images: int = Input(
-            description="Number of images: 1 to 8. Image i uses seed + i. Default 1.",
+            description="Number of images: 1 to 8. Image i uses seed + i, wrapping from 4294967295 to 0. Default 1.",
             default=1,
             ge=1,
             le=8,

@@ -63,7 +63,7 @@ INPUTS: tuple[Spec, ...] = (
     Spec("prompt_strength", 0.8, float, 0.0, 1.0, help="image to image only: how much is redrawn"),
     Spec("width", None, int, MIN_SIZE, MAX_SIZE, optional=True, multiple=SIZE_MULTIPLE, help=_SIDE),
     Spec("height", None, int, MIN_SIZE, MAX_SIZE, optional=True, multiple=SIZE_MULTIPLE, help=_SIDE),
-    Spec("num_images", 1, int, 1, MAX_IMAGES, help="image i uses seed + i"),
+    Spec("num_images", 1, int, 1, MAX_IMAGES, help="image i uses seed + i (after the largest seed, 0)"),
     Spec("num_inference_steps", 4, int, 1, MAX_STEPS, help="denoising steps, one UNet pass each"),
     Spec("guidance_scale", 8.0, float, MIN_GUIDANCE, MAX_GUIDANCE, help="embedded guidance, w = scale - 1"),
     Spec("lcm_origin_steps", 50, int, 1, MAX_ORIGIN_STEPS, help="the teacher schedule's length"),
@@ -236,8 +236,8 @@ class Request:
 
     @property
     def seeds(self) -> list[int]:
-        """Image i is generated from seed + i."""
-        return [self.seed + i for i in range(self.num_images)]
+        """Image i is generated from seed + i, wrapping past MAX_SEED to 0: every seed is a valid one."""
+        return [(self.seed + i) % (MAX_SEED + 1) for i in range(self.num_images)]
 
     def metadata(self, seed: int) -> dict[str, Any]:
         """What a file needs to be regenerated alone: this request with one image and its own seed."""

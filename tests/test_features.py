@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -14,7 +15,7 @@ from lcm import prompts
 from lcm.cli import main as cli_main
 from lcm.errors import InputError, LCMError
 from lcm.metadata import read_metadata
-from lcm.params import Request
+from lcm.params import MAX_SEED, Request
 
 
 def max_diff(a: np.ndarray, b: np.ndarray) -> int:
@@ -241,17 +242,24 @@ def test_files_carry_their_parameters_and_reproduce_byte_for_byte(
     assert (tmp_path / "again" / first.name).read_bytes() == first.read_bytes()
 
 
-def test_batch_file_reproduces_within_the_batch_tolerance(engine, tiny_checkpoint, tmp_path):
-    second = engine.generate_files(request(num_images=2), tmp_path / "first")[1]
-    assert read_metadata(second)["seed"] == 6
-    assert (
-        cli_main(
-            ["reproduce", str(second), "--out", str(tmp_path / "again"), "--weights", str(tiny_checkpoint)]
-        )
-        == 0
-    )
-    again = np.asarray(Image.open(tmp_path / "again" / second.name))
-    assert max_diff(again, np.asarray(Image.open(second))) <= 1
+def reproduce(file: Path, checkpoint: Path, out: Path) -> np.ndarray:
+    assert cli_main(["reproduce", str(file), "--out", str(out), "--weights", str(checkpoint)]) == 0
+    return np.asarray(Image.open(out / file.name))
+
+
+def test_every_file_at_the_top_of_the_seed_range_reproduces(engine, tiny_checkpoint, tmp_path):
+    """Seeds wrap: seed=MAX_SEED with two images makes files for MAX_SEED and 0. Batch items come
+    back within 1/255 (regenerated alone, README); a one-image request's file byte for byte."""
+    files = engine.generate_files(request(seed=MAX_SEED, num_images=2), tmp_path / "batch")
+    assert [f.name for f in files] == [f"lcm-{MAX_SEED}.png", "lcm-0.png"]
+    assert [read_metadata(f)["seed"] for f in files] == [MAX_SEED, 0]
+    for file in files:
+        again = reproduce(file, tiny_checkpoint, tmp_path / "again")
+        assert max_diff(again, np.asarray(Image.open(file))) <= 1
+    alone = engine.generate_files(request(seed=MAX_SEED), tmp_path / "alone")[0]
+    reproduce(alone, tiny_checkpoint, tmp_path / "alone-again")
+    assert (tmp_path / "alone-again" / alone.name).read_bytes() == alone.read_bytes()
+    assert max_diff(np.asarray(Image.open(alone)), np.asarray(Image.open(files[0]))) <= 1
 
 
 def test_img2img_file_reproduces_only_with_its_input_image(engine, tiny_checkpoint, tmp_path, photo):
