@@ -382,8 +382,8 @@ class Engine:
         r = generation.request
         stages = " ".join(f"{k}={v:.3f}s" for k, v in generation.timings.items())
         log.info(
-            "seed=%d images=%d size=%dx%d steps=%d guidance=%.2f origin_steps=%d tokens=%d mode=%s "
-            "flagged=%s device=%s dtype=%s%s %s",
+            "seed=%d images=%d size=%dx%d steps=%d guidance=%.2f origin_steps=%d tokens=%d clip_skip=%d "
+            "mode=%s decoder=%s format=%s quality=%d flagged=%s device=%s dtype=%s%s %s",
             r.seed,
             r.num_images,
             r.width,
@@ -392,7 +392,11 @@ class Engine:
             r.guidance_scale,
             r.lcm_origin_steps,
             generation.num_tokens,
-            "img2img" if r.image is not None else "txt2img",
+            r.clip_skip,
+            f"img2img strength={r.prompt_strength:.2f}" if r.image is not None else "txt2img",
+            "taesd" if r.fast_decode else "vae",
+            r.output_format,
+            r.output_quality,
             sum(generation.nsfw) if r.safety_checker else "off",
             self.device,
             str(self.dtype).removeprefix("torch."),
