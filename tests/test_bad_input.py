@@ -36,6 +36,7 @@ class Expect:
     words: tuple[str, ...] = ()
     size: tuple[int, int] = (256, 256)
     count: int = 1
+    same_as: Optional[dict] = None  # a request whose images must be these, pixel for pixel
 
 
 def refused(field: str, *words: str) -> Expect:
@@ -50,8 +51,8 @@ def failed(field: Optional[str], *words: str) -> Expect:
     return Expect("failed", field, words)
 
 
-def ok(size: tuple[int, int] = (256, 256), count: int = 1) -> Expect:
-    return Expect("succeeded", size=size, count=count)
+def ok(size: tuple[int, int] = (256, 256), count: int = 1, same_as: Optional[dict] = None) -> Expect:
+    return Expect("succeeded", size=size, count=count, same_as=same_as)
 
 
 def raw_body(**fragments: str) -> bytes:
@@ -202,8 +203,12 @@ CASES = [
     # --- prompts --------------------------------------------------------------------------------
     # Empty prompt: unconditional generation, valid.
     pytest.param({**BASE, "prompt": ""}, ok(), id="prompt-empty"),
-    # Whitespace only: tokenizes to nothing, same as empty, valid.
-    pytest.param({**BASE, "prompt": " \t\n  "}, ok(), id="prompt-whitespace"),
+    # Whitespace only: tokenizes to nothing, so the image is the empty prompt's.
+    pytest.param(
+        {**BASE, "prompt": " \t\n  ", "seed": 3},
+        ok(same_as={**BASE, "prompt": "", "seed": 3}),
+        id="prompt-whitespace",
+    ),
     # 10,000 characters: over the cheap character bound, refused before tokenizing.
     pytest.param(
         {**BASE, "prompt": "a" * 10_000}, failed("prompt", "at most 5000 characters"), id="prompt-10k"
@@ -233,12 +238,8 @@ CASES = [
     pytest.param({**BASE, "seed": None}, refused("seed", "null"), id="seed-null"),
     pytest.param(raw_body(seed="1e400"), unparsable("seed"), id="seed-1e400"),
     # 3.0 is an integer to JSON Schema: must work as seed 3.
-    pytest.param(
-        {**BASE, "seed": 3.0},
-        ok(),
-        id="seed-integral-float",
-    ),
-    # The largest seed is valid, and image i uses seed + i even past 2^32 - 1.
+    pytest.param({**BASE, "seed": 3.0}, ok(same_as={**BASE, "seed": 3}), id="seed-integral-float"),
+    # The largest seed is valid; image i uses (seed + i) mod 2^32 (test_features: both reproduce).
     pytest.param({**BASE, "seed": 2**32 - 1, "num_images": 2}, ok(count=2), id="seed-max-two-images"),
     # Seed 0 is a seed.
     pytest.param({**BASE, "seed": 0}, ok(), id="seed-zero"),
@@ -262,7 +263,11 @@ CASES = [
     ),
     # --- unknown fields and malformed bodies ------------------------------------------------------
     # Cog drops fields the schema does not list: the request works as if they were absent.
-    pytest.param({**BASE, "negative_prompt": "blurry", "foo": [1, 2]}, ok(), id="unknown-fields"),
+    pytest.param(
+        {**BASE, "negative_prompt": "blurry", "foo": [1, 2], "seed": 3},
+        ok(same_as={**BASE, "seed": 3}),
+        id="unknown-fields",
+    ),
     pytest.param(b'{"input": ', unparsable("input", "EOF"), id="body-truncated-json"),
     pytest.param(b'{"input": [1, 2]}', refused("__root__", "object"), id="body-input-list"),
     # --- input images: valid ones, with the size the service picks ----------------------------------
@@ -351,7 +356,7 @@ def send(server, case: dict | bytes) -> tuple[int, Any]:
     return server.send_when_free("POST", "/predictions", {"input": case})
 
 
-def check_answer(status: int, body: Any, expect: Expect, case: dict | bytes, tmp_path: Path) -> None:
+def check_answer(server, status: int, body: Any, expect: Expect, case: dict | bytes, tmp_path: Path) -> None:
     if expect.outcome == "422":
         assert status == 422, body
         (problem,) = body["detail"]
@@ -369,6 +374,15 @@ def check_answer(status: int, body: Any, expect: Expect, case: dict | bytes, tmp
     else:
         assert status == 200 and body["status"] == "succeeded", body
         check_images(body["output"], expect, case, tmp_path)
+        if expect.same_as is not None:
+            status, other = send(server, expect.same_as)
+            assert status == 200 and other["status"] == "succeeded", other
+            assert [pixels(url) for url in body["output"]] == [pixels(url) for url in other["output"]]
+
+
+def pixels(url: str) -> bytes:
+    with Image.open(io.BytesIO(base64.b64decode(url.partition(",")[2]))) as image:
+        return image.convert("RGB").tobytes()
 
 
 def check_images(output: list[str], expect: Expect, case: dict, tmp_path: Path) -> None:
@@ -381,13 +395,16 @@ def check_images(output: list[str], expect: Expect, case: dict, tmp_path: Path) 
             assert image.format == FORMATS[fmt] and image.size == expect.size, (image.format, image.size)
         path = tmp_path / f"out-{i}.{fmt}"
         path.write_bytes(raw)
-        assert read_metadata(path)["prompt"] == case["prompt"]
+        meta = read_metadata(path)
+        assert meta["prompt"] == case["prompt"]
+        if "seed" in case:
+            assert meta["seed"] == (case["seed"] + i) % 2**32 and isinstance(meta["seed"], int)
 
 
 @pytest.mark.parametrize("case, expect", CASES)
 def test_bad_input_battery(server, case: dict | bytes, expect: Expect, tmp_path: Path) -> None:
     status, body = send(server, case)
-    check_answer(status, body, expect, case, tmp_path)
+    check_answer(server, status, body, expect, case, tmp_path)
     if expect.outcome != "succeeded":
         status, after = server.predict(**CHEAP)
         assert status == 200 and after["status"] == "succeeded", after

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import io
+import re
 
 import pytest
 from PIL import Image
@@ -45,9 +46,22 @@ def test_same_seed_same_bytes_other_seed_other_image(server):
 
 
 def test_missing_seed_is_random_and_logged(server):
-    body = server.predict(prompt="a red fox", **SMALL)[1]
-    assert body["status"] == "succeeded"
-    assert "seed=" in body["logs"]
+    """Two requests without a seed get different images; the logged seed regenerates each."""
+    first, second = (server.predict(prompt="a red fox", **SMALL)[1] for _ in range(2))
+    assert first["status"] == second["status"] == "succeeded"
+    assert png_images(first["output"])[0][1].tobytes() != png_images(second["output"])[0][1].tobytes()
+    seed = int(re.search(r"\bseed=(\d+)", first["logs"]).group(1))
+    again = server.predict(prompt="a red fox", seed=seed, **SMALL)[1]
+    assert png_images(again["output"])[0][1].tobytes() == png_images(first["output"])[0][1].tobytes()
+
+
+def test_a_drawn_seed_spans_the_32_bit_range():
+    """The seed the server draws for a request without one (Request.build): 20 draws all differ
+    and reach the upper half of the range (a 31-bit draw would fail with probability 1)."""
+    from lcm.params import Request
+
+    seeds = [Request.build("x", width=256, height=256).seed for _ in range(20)]
+    assert len(set(seeds)) == 20 and max(seeds) >= 2**31 and all(0 <= s < 2**32 for s in seeds)
 
 
 def test_width_out_of_range_is_refused_by_the_schema(server):
