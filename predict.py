@@ -20,7 +20,7 @@ DEFAULT_PROMPT = "Self-portrait oil painting, a beautiful cyborg with golden hai
 OUTPUT_FORMATS = ["png", "webp", "jpg"]
 
 
-_DOWNLOADED: set[str] = set()  # files Cog downloaded for inputs since the last predict() began
+_DOWNLOADED: set[str] = set()  # files Cog downloaded for inputs, until the prediction they are for reads them
 
 
 def _recording(convert: Callable[[cog.types.URLPath], Path]) -> Callable[[cog.types.URLPath], Path]:
@@ -137,13 +137,11 @@ class Predictor(BasePredictor):
         raised here, sets the request's cancel flag, and the engine stops at its next step.
         """
         inputs = {name: value for name, value in locals().items() if name != "self"}  # by their own names
-        downloaded = set(_DOWNLOADED)
-        _DOWNLOADED.clear()
         self._remove_previous_outputs()
         self.output_dir = tempfile.mkdtemp(prefix="lcm-")
         job = None
         try:
-            refuse_server_paths(image, downloaded)
+            take_download(image)
             request = Request.build(**inputs)
             job = self.engine.submit(request, self.output_dir)
             paths = job.result()
@@ -161,11 +159,18 @@ class Predictor(BasePredictor):
             self.output_dir = None
 
 
-def refuse_server_paths(image: object, downloaded: set[str]) -> None:
-    """Refuse any image but a file Cog downloaded for this prediction from an http(s) or data: URL.
+def take_download(image: object) -> None:
+    """Refuse any image but a file Cog downloaded from an http(s) or data: URL, and only once.
 
     Cog hands any other string on as a path, which would let a caller read files on the server,
-    another request's upload among them.
+    another request's upload among them. Each download is taken off the record by the prediction
+    it was made for, so no other prediction (concurrent or later) can name it.
     """
-    if image is not None and os.fspath(image) not in downloaded:
-        raise InputError("image", str(image), "an http(s) or data: URL; paths on the server are not accepted")
+    if image is None:
+        return
+    try:
+        _DOWNLOADED.remove(os.fspath(image))
+    except KeyError:
+        raise InputError(
+            "image", str(image), "an http(s) or data: URL; paths on the server are not accepted"
+        ) from None
