@@ -4,7 +4,8 @@ Tests, benchmarks and CI need a checkpoint that loads through exactly the code p
 download (``LatentConsistencyModelPipeline.from_pretrained(..., use_safetensors=True)``) without
 fetching it. ``full`` has the real architecture and tokenizer, so it costs what the real model
 costs; ``tiny`` keeps the layout, classes and scheduler but shrinks every network so it builds
-and runs in about a second. Images from either are noise.
+and runs in about a second, and scales up its UNet's conditioning layers so that the prompt,
+guidance and clip skip change its images by tens of levels. Images from either are noise.
 
     python -m lcm.synthetic OUT_DIR --size tiny|full [--seed N]
 """
@@ -26,6 +27,8 @@ from typing import Any
 import torch
 from diffusers import AutoencoderKL, AutoencoderTiny, UNet2DConditionModel
 from diffusers.pipelines.stable_diffusion.safety_checker import StableDiffusionSafetyChecker
+from safetensors import safe_open
+from safetensors.torch import save_file
 from transformers import CLIPConfig, CLIPTextConfig, CLIPTextModel
 from transformers.convert_slow_tokenizer import bytes_to_unicode
 
@@ -42,6 +45,18 @@ WEIGHT_FILES = {
     "text_encoder": "text_encoder/model.safetensors",
     "safety_checker": "safety_checker/model.safetensors",
     "taesd": "taesd/diffusion_pytorch_model.safetensors",  # fast_decode's tiny decoder (madebyollin/taesd)
+}
+
+# Weight-name prefixes that the hub's files have and these components' modules no longer do: the hub's
+# text_encoder and safety_checker files were written by transformers 4, which nested CLIPTextModel's
+# layers under .text_model and CLIPVisionModel's under .vision_model; transformers 5.6 flattened both
+# and its from_pretrained maps the old names. Written in the hub's names, a synthetic checkpoint loads
+# through that mapping as the real one does, and transformers 4 reads it too. diffusers' UNet and VAE
+# names have not changed since the hub's files were saved (diffusers 0.22, after 0.17 renamed the VAE's
+# attention weights to to_q/to_k/to_v/to_out.0), so they are written as diffusers saves them.
+_HUB_PREFIXES: dict[str, dict[str, str]] = {
+    "text_encoder": {"": "text_model."},
+    "safety_checker": {"vision_model.": "vision_model.vision_model."},
 }
 
 # Tiny = the real config with these keys replaced, so everything not named here (activations,
@@ -90,6 +105,21 @@ _TINY_OVERRIDES: dict[str, dict[str, Any]] = {
         "num_decoder_blocks": [1, 1, 1, 1],
     },
 }
+# Tiny UNet layers whose default init is scaled by these gains (weight and bias, so their output
+# scales). At default init the UNet's output is a third of its input's size, so the clean latents it
+# predicts at t=999 are mostly the initial noise divided by sqrt(alpha_bar) = 0.068, and its
+# cross-attention, a near-uniform average over the 77 tokens, adds little that varies across the
+# image: prompt, guidance and clip skip moved a 256x256 image by under 12 levels in 255, a thin
+# margin for the tests that compare with diffusers within 1 to catch an input lost on the way.
+# tests/test_tiny_sensitivity.py holds the gained checkpoint to tens.
+_TINY_UNET_GAINS = {
+    "conv_out": 3.0,  # the predicted noise as large as the noise: the UNet, not the seed, decides
+    "attn2.to_q": 2.0,  # sharper cross-attention: each place attends to its own tokens
+    "attn2.to_k": 2.0,
+    "attn2.to_v": 3.0,  # the text's share of each transformer block's output
+    "attn2.to_out.0": 3.0,
+    "time_embedding.cond_proj": 8.0,  # the guidance embedding's share of the time embedding
+}
 # Words the tiny tokenizer merges into single tokens; everything else falls back to byte tokens.
 _TINY_WORDS = ("a", "photo", "of", "cat", "dog", "the", "astronaut", "riding", "horse", "painting")
 _BOS, _EOS = "<|startoftext|>", "<|endoftext|>"
@@ -128,11 +158,15 @@ def model_config(component: str, size: str) -> dict[str, Any]:
 def build_model(component: str, size: str) -> torch.nn.Module:
     """One weight-bearing component with its library's default init, on torch's current device.
 
-    Callers seed and place it; tests build the full-size ones on the ``meta`` device.
+    The tiny UNet's conditioning layers then get ``_TINY_UNET_GAINS``. Callers seed and place it;
+    tests build the full-size ones on the ``meta`` device.
     """
     config = model_config(component, size)
     if component == "unet":
-        return UNet2DConditionModel.from_config(config)
+        unet = UNet2DConditionModel.from_config(config)
+        if size == "tiny":
+            _apply_gains(unet, _TINY_UNET_GAINS)
+        return unet
     if component == "vae":
         return AutoencoderKL.from_config(config)
     if component == "text_encoder":
@@ -142,6 +176,16 @@ def build_model(component: str, size: str) -> torch.nn.Module:
     if component == "taesd":
         return AutoencoderTiny.from_config(config)
     raise ValueError(f"component={component!r} is not one of {sorted(WEIGHT_FILES)}")
+
+
+def _apply_gains(model: torch.nn.Module, gains: dict[str, float]) -> None:
+    """Multiply the parameters of every module whose name ends with a key of ``gains`` by its value."""
+    with torch.no_grad():
+        for name, module in model.named_modules():
+            suffix = next((key for key in gains if name == key or name.endswith("." + key)), None)
+            if suffix is not None:
+                for parameter in module.parameters(recurse=False):
+                    parameter.mul_(gains[suffix])
 
 
 def build_checkpoint(out_dir: str | Path, size: str = "tiny", seed: int = 0) -> Path:
@@ -178,6 +222,8 @@ def _write_checkpoint(root: Path, size: str, seed: int) -> None:
         if size == "full":
             model.half()
         model.save_pretrained(root / component)
+        if component in _HUB_PREFIXES:
+            _rename_weights(root / WEIGHT_FILES[component], _HUB_PREFIXES[component])
         del model
         gc.collect()
 
@@ -198,6 +244,18 @@ def _write_checkpoint(root: Path, size: str, seed: int) -> None:
         json.dumps({"size": size, "seed": seed, "synthetic": True}, indent=2) + "\n"
     )
     _match_file_set(root)
+
+
+def _rename_weights(path: Path, prefixes: dict[str, str]) -> None:
+    """Rewrite a safetensors file with each name's first matching prefix replaced, keeping its metadata."""
+    with safe_open(path, framework="pt") as handle:
+        metadata = handle.metadata()
+        tensors = {}
+        for name in handle.keys():
+            ours = next((prefix for prefix in prefixes if name.startswith(prefix)), None)
+            hub_name = name if ours is None else prefixes[ours] + name[len(ours) :]
+            tensors[hub_name] = handle.get_tensor(name)
+    save_file(tensors, path, metadata=metadata)
 
 
 def _match_file_set(root: Path) -> None:

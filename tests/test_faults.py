@@ -154,7 +154,7 @@ BREAKAGES = {
         ],
     ),
     "text-encoder-weight-not-in-file": (
-        edit_weights(TEXT_ENCODER, "embeddings.position_embedding.weight"),
+        edit_weights(TEXT_ENCODER, "text_model.embeddings.position_embedding.weight"),
         [
             "text_encoder/config.json does not match " + TEXT_ENCODER,
             "1 weight(s) the config needs are not in the file",
@@ -162,7 +162,7 @@ BREAKAGES = {
         ],
     ),
     "text-encoder-weight-misshaped": (
-        edit_weights(TEXT_ENCODER, "embeddings.token_embedding.weight", keep=548),
+        edit_weights(TEXT_ENCODER, "text_model.embeddings.token_embedding.weight", keep=548),
         [
             "text_encoder/config.json does not match " + TEXT_ENCODER,
             "embeddings.token_embedding.weight is (548, 32) in the file, (549, 32) by the config",

@@ -11,9 +11,11 @@ import pytest
 import torch
 from diffusers import AutoencoderKL, LatentConsistencyModelPipeline, LCMScheduler, UNet2DConditionModel
 from diffusers.pipelines.stable_diffusion.safety_checker import StableDiffusionSafetyChecker
+from safetensors import safe_open
+from safetensors.torch import load_file
 from transformers import CLIPTextModel, CLIPTokenizer
 
-from lcm import synthetic
+from lcm import loading, synthetic
 from lcm.synthetic import VENDORED_DIR, WEIGHT_FILES, build_checkpoint, build_model, checkpoint_files, main
 
 SHARED_DIR = Path(__file__).resolve().parents[2] / "shared" / "lcm-dreamshaper-v7"
@@ -45,6 +47,33 @@ TINY_VERBATIM = (
     "feature_extractor/preprocessor_config.json",
     "tokenizer/special_tokens_map.json",
 )
+
+# Weight names as the hub's files hold them. transformers 4 wrote the text encoder and safety checker,
+# with CLIPTextModel's layers under text_model. and CLIPVisionModel's under vision_model. (transformers
+# 5 flattened both); diffusers 0.22 wrote the UNet and VAE, the VAE's attention as to_q/to_k/to_v/to_out.0
+# (the names of diffusers 0.17 on; earlier files had query/key/value/proj_attn).
+HUB_NAMES = {
+    "text_encoder": (
+        "text_model.embeddings.token_embedding.weight",
+        "text_model.encoder.layers.0.self_attn.q_proj.weight",
+        "text_model.final_layer_norm.weight",
+    ),
+    "safety_checker": (
+        "vision_model.vision_model.embeddings.patch_embedding.weight",
+        "vision_model.vision_model.post_layernorm.weight",
+        "visual_projection.weight",
+        "concept_embeds",
+        "special_care_embeds_weights",
+    ),
+    "unet": (
+        "time_embedding.cond_proj.weight",
+        "down_blocks.0.attentions.0.transformer_blocks.0.attn2.to_k.weight",
+    ),
+    "vae": (
+        "decoder.mid_block.attentions.0.to_q.weight",
+        "encoder.mid_block.attentions.0.to_out.0.weight",
+    ),
+}
 
 
 def _files(root: Path) -> list[str]:
@@ -111,6 +140,50 @@ def test_tiny_loads_with_the_real_classes_and_scheduler(tiny_pipe: LatentConsist
     assert pipe.unet.config.cross_attention_dim == pipe.text_encoder.config.hidden_size
     assert pipe.text_encoder.config.num_hidden_layers >= 4
     assert pipe.tokenizer.model_max_length == 77
+
+
+def test_weights_have_the_hub_names(tiny_checkpoint: Path) -> None:
+    names = {}
+    for component, name in WEIGHT_FILES.items():
+        with safe_open(tiny_checkpoint / name, framework="pt") as handle:
+            names[component] = set(handle.keys())
+    for component, expected in HUB_NAMES.items():
+        assert set(expected) <= names[component], component
+    assert all(name.startswith("text_model.") for name in names["text_encoder"])
+    vision = [name for name in names["safety_checker"] if name.startswith("vision_model.")]
+    assert vision and all(name.startswith("vision_model.vision_model.") for name in vision)
+
+
+def test_hub_names_load_with_nothing_missing_or_unexpected(tiny_checkpoint: Path, monkeypatch) -> None:
+    """Through lcm.loading, which refuses missing weights but not unused ones: every load report is empty."""
+    reports = {}
+    check = loading._load_problems
+
+    def recording(model: torch.nn.Module, info: dict) -> list[str]:
+        reports[type(model).__name__] = info
+        return check(model, info)
+
+    monkeypatch.setattr(loading, "_load_problems", recording)
+    cpu = torch.device("cpu")
+    pipe = loading.load_pipeline(tiny_checkpoint, cpu, torch.float32)
+    loading.load_taesd(tiny_checkpoint, cpu, torch.float32)
+    assert sorted(reports) == [
+        "AutoencoderKL",
+        "AutoencoderTiny",
+        "CLIPTextModel",
+        "StableDiffusionSafetyChecker",
+        "UNet2DConditionModel",
+    ]
+    for name, info in reports.items():
+        problems = {key: info.get(key) for key in ("missing_keys", "unexpected_keys", "mismatched_keys")}
+        assert not any(problems.values()), (name, problems)
+    # transformers put the hub's names where its flattened modules hold them
+    text = load_file(tiny_checkpoint / WEIGHT_FILES["text_encoder"])
+    token_embedding = pipe.text_encoder.get_input_embeddings().weight
+    assert torch.equal(token_embedding, text["text_model.embeddings.token_embedding.weight"])
+    checker = load_file(tiny_checkpoint / WEIGHT_FILES["safety_checker"])
+    post_norm = pipe.safety_checker.state_dict()["vision_model.post_layernorm.weight"]
+    assert torch.equal(post_norm, checker["vision_model.vision_model.post_layernorm.weight"])
 
 
 def test_tiny_tokenizer_is_clip_shaped(tiny_checkpoint: Path) -> None:

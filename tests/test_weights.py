@@ -10,6 +10,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from safetensors import safe_open
 from transformers import CLIPTokenizer
 
 from lcm.errors import WeightsError
@@ -328,6 +329,16 @@ def test_save_pretrained_writes_the_other_layouts(saved_checkpoint):
     assert not (saved_checkpoint / "tokenizer/vocab.json").exists()
     index = json.loads((saved_checkpoint / "model_index.json").read_text())
     assert index["feature_extractor"] == ["transformers", "CLIPImageProcessorPil"]
+
+
+def test_save_pretrained_keeps_the_synthetic_weight_names(saved_checkpoint, tiny_checkpoint):
+    """Loaded from the synthetic files (the hub's names), the pipeline is saved under the same names."""
+    for name in WEIGHT_FILES.values():
+        with (
+            safe_open(saved_checkpoint / name, framework="pt") as saved,
+            safe_open(tiny_checkpoint / name, framework="pt") as synthetic,
+        ):
+            assert set(saved.keys()) == set(synthetic.keys()), name
 
 
 def test_a_pipeline_saved_by_diffusers_loads_and_draws_the_same_images(saved_checkpoint, engine):
