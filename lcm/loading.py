@@ -56,15 +56,27 @@ SHOWN_KEYS = 2  # weight names quoted per problem in an error message
 
 
 def pick_device(requested: str | None = None) -> torch.device:
-    """The requested device, else LCM_DEVICE, else CUDA when available, else CPU."""
+    """The requested device, else LCM_DEVICE, else CUDA when available, else CPU.
+
+    Only cpu, cuda and cuda:N for a GPU this machine has: anything else fails here, naming where the
+    value came from (the argument, or LCM_DEVICE) and what this machine allows, not later in torch.
+    """
     name = requested or os.environ.get(DEVICE_ENV) or ("cuda" if torch.cuda.is_available() else "cpu")
+    gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
     try:
-        device = torch.device(name)
-    except RuntimeError as exc:
-        raise LCMError(f"{DEVICE_ENV}={name!r} is not a device: use cpu, cuda or cuda:N") from exc
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise LCMError(f"device {name!r} was asked for but CUDA is not available here; use cpu")
-    return device
+        device: Optional[torch.device] = torch.device(name)
+    except RuntimeError:
+        device = None
+    if device is not None and (
+        (device.type == "cpu" and device.index is None)
+        or (device.type == "cuda" and (device.index or 0) < gpus)
+    ):
+        return device
+    if gpus == 0:
+        allowed = "cpu (CUDA is not available here)"
+    else:
+        allowed = "cpu, cuda or " + ("cuda:0" if gpus == 1 else f"cuda:0 to cuda:{gpus - 1}")
+    raise LCMError(f"{'device' if requested else DEVICE_ENV}={name!r} is not allowed: use {allowed}")
 
 
 def default_dtype(device: torch.device) -> torch.dtype:
