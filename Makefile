@@ -66,9 +66,12 @@ schema: venv
 # 15.3 s with one arena, 18.4 and 16.9 s without (README, "Running without Docker").
 MALLOC_ARENA_MAX ?= 1
 
+# cog build sets COG_MAX_CONCURRENCY from cog.yaml's concurrency.max; so does this.
+COG_MAX_CONCURRENCY ?= $(shell $(PY) -c "import yaml; print(yaml.safe_load(open('cog.yaml'))['concurrency']['max'])" 2>/dev/null)
+
 serve: schema
 	PATH="$(abspath $(VENV))/bin:$$PATH" PORT=$(PORT) COG_PREDICT_TYPE_STUB=predict.py:Predictor \
-	  MALLOC_ARENA_MAX=$(MALLOC_ARENA_MAX) \
+	  MALLOC_ARENA_MAX=$(MALLOC_ARENA_MAX) COG_MAX_CONCURRENCY=$(COG_MAX_CONCURRENCY) \
 	  $(PY) -m cog.server.http --host 127.0.0.1
 
 # Wheels for a lent GPU machine (the device tool: Python 3.12, torch 2.11 and most libraries already

@@ -2,17 +2,19 @@
 
 from __future__ import annotations
 
+import collections
 import logging
 import os
 import shutil
 import tempfile
+import time
 from typing import Callable, List, Optional
 
 import cog.types
 from cog import BasePredictor, Input, Path
 
 from lcm.engine import Engine
-from lcm.errors import InputError
+from lcm.errors import InputError, LCMError
 from lcm.params import Request
 
 # Literals for cog build's static parser; tests/test_engine.py holds them to lcm.params.INPUTS.
@@ -20,6 +22,9 @@ DEFAULT_PROMPT = "Self-portrait oil painting, a beautiful cyborg with golden hai
 OUTPUT_FORMATS = ["png", "webp", "jpg"]
 
 
+log = logging.getLogger("lcm")
+# How long a returned file stays on disk when Cog serves several predictions at once (seconds).
+KEEP_OUTPUTS_ENV, KEEP_OUTPUTS_S = "LCM_KEEP_OUTPUTS_S", 300.0
 _DOWNLOADED: set[str] = set()  # files Cog downloaded for inputs, until the prediction they are for reads them
 
 
@@ -44,10 +49,11 @@ class Predictor(BasePredictor):
     def setup(self) -> None:
         """Load the pipeline once from local weights (LCM_WEIGHTS_DIR, else weights/), never the network."""
         logging.basicConfig(level=logging.INFO, format="%(message)s")
-        self.output_dir: Optional[str] = None
+        self.returned: collections.deque[tuple[str, float]] = collections.deque()  # (folder, when)
+        self.keep_outputs_s = keep_outputs_seconds()
         self.engine = Engine.load()
 
-    def predict(
+    async def predict(
         self,
         prompt: str = Input(
             description="Text describing the image. Longer than 75 CLIP tokens: encoded in 75-token windows (at most 600 tokens).",
@@ -133,30 +139,52 @@ class Predictor(BasePredictor):
     ) -> List[Path]:
         """Generate images and return them as files, each carrying its generation parameters.
 
-        The engine's own thread does the work while this one (Cog's) waits: Cog's cancellation,
-        raised here, sets the request's cancel flag, and the engine stops at its next step.
+        A coroutine on Cog's event loop, so that Cog can run several at once (cog.yaml's
+        concurrency); the engine's own thread does the work, batching requests that fit together,
+        while this awaits. Cog cancels with asyncio.CancelledError at that await, which sets the
+        request's cancel flag: the engine drops its rows at the next step.
         """
         inputs = {name: value for name, value in locals().items() if name != "self"}  # by their own names
-        self._remove_previous_outputs()
-        self.output_dir = tempfile.mkdtemp(prefix="lcm-")
+        self._remove_sent_outputs()
+        output_dir = tempfile.mkdtemp(prefix="lcm-")
         job = None
         try:
             take_download(image)
             request = Request.build(**inputs)
-            job = self.engine.submit(request, self.output_dir)
-            paths = job.result()
+            job = self.engine.submit(request, output_dir)
+            served = await job.outcome()
         except BaseException:  # failed or cancelled: leave no partial files behind
             if job is not None:
-                job.cancel_and_wait()  # the engine has let go of the directory before it goes
-            self._remove_previous_outputs()
+                await job.cancelled()  # the engine has let go of the directory before it goes
+            shutil.rmtree(output_dir, ignore_errors=True)
             raise
-        return [Path(p) for p in paths]
+        self.returned.append((output_dir, time.monotonic()))
+        log.info("%s", served.summary)  # here, in this prediction's context, so that Cog files it with it
+        return [Path(p) for p in served.paths]
 
-    def _remove_previous_outputs(self) -> None:
-        """Cog never deletes returned files: drop the last prediction's so disk use stays bounded."""
-        if self.output_dir is not None:
-            shutil.rmtree(self.output_dir, ignore_errors=True)
-            self.output_dir = None
+    def _remove_sent_outputs(self) -> None:
+        """Cog never deletes returned files: remove those it has surely sent, so disk use stays bounded.
+
+        With one slot, a new prediction means the last one's answer has gone. With more, another
+        slot's answer may still be on its way (an upload, say): files are kept LCM_KEEP_OUTPUTS_S
+        (default KEEP_OUTPUTS_S) after their prediction returned.
+        """
+        slots = int(os.environ.get("COG_MAX_CONCURRENCY", "1"))
+        now = time.monotonic()
+        while self.returned and (slots <= 1 or now - self.returned[0][1] > self.keep_outputs_s):
+            shutil.rmtree(self.returned.popleft()[0], ignore_errors=True)
+
+
+def keep_outputs_seconds() -> float:
+    """LCM_KEEP_OUTPUTS_S, else KEEP_OUTPUTS_S; a bad value fails setup naming it."""
+    text = os.environ.get(KEEP_OUTPUTS_ENV, "")
+    try:
+        seconds = float(text) if text else KEEP_OUTPUTS_S
+    except ValueError:
+        seconds = -1.0
+    if not 0 <= seconds < float("inf"):
+        raise LCMError(f"{KEEP_OUTPUTS_ENV}={text!r} is not allowed: use a number of seconds, 0 or more")
+    return seconds
 
 
 def take_download(image: object) -> None:

@@ -66,6 +66,16 @@ def parser() -> argparse.ArgumentParser:
         help="ours decodes with TAESD (predict's fast_decode); the reference keeps the full VAE",
     )
     p.add_argument(
+        "--clients",
+        type=_positive,
+        default=None,
+        help="serving mode: Cog's real server driven by this many concurrent clients, against one "
+        "client at a time in the same run (bench/serving.py); no reference pipeline",
+    )
+    p.add_argument(
+        "--requests", type=_positive, default=8, help="serving mode: requests per phase (default 8)"
+    )
+    p.add_argument(
         "--record",
         nargs="?",
         type=Path,

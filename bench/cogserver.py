@@ -1,4 +1,4 @@
-"""Cog's real HTTP server (coglet) run as a subprocess on loopback, for the tests."""
+"""Cog's real HTTP server (coglet) as a subprocess on loopback, for the tests and the serving benchmark."""
 
 from __future__ import annotations
 
@@ -29,6 +29,13 @@ def cog_schema_module() -> ModuleType:
         sys.modules["cog_schema"] = module
         spec.loader.exec_module(module)
     return sys.modules["cog_schema"]
+
+
+def max_concurrency() -> int:
+    """cog.yaml's concurrency.max, which cog build turns into COG_MAX_CONCURRENCY (1 without it)."""
+    import yaml
+
+    return int(yaml.safe_load((ROOT / "cog.yaml").read_text()).get("concurrency", {}).get("max", 1))
 
 
 TERMINAL = {"succeeded", "failed", "canceled"}
@@ -66,6 +73,7 @@ class CogServer:
             "PYTHONPATH": str(ROOT),
             "LCM_WEIGHTS_DIR": str(weights),
             "LCM_DEVICE": "cpu",
+            "COG_MAX_CONCURRENCY": str(max_concurrency()),  # what cog build sets from cog.yaml
             **(env or {}),
         }
         with open(self.stderr_path, "wb") as err:

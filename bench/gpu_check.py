@@ -25,6 +25,7 @@ A step that would start with less than its expected time left is skipped, and sa
 from __future__ import annotations
 
 import argparse
+import asyncio
 import base64
 import io
 import json
@@ -198,7 +199,8 @@ def step_predictor_threads(args: argparse.Namespace) -> None:
         def run(inputs: dict[str, Any] = inputs, outcome: dict[str, str] = outcome) -> None:
             try:
                 given = {key: value() if callable(value) else value for key, value in inputs.items()}
-                paths = predictor.predict(**{**defaults, "seed": 1, "disable_safety_checker": True, **given})
+                sent = {**defaults, "seed": 1, "disable_safety_checker": True, **given}
+                paths = asyncio.run(predictor.predict(**sent))  # a coroutine, each thread its own loop
                 outcome["result"] = f"ok, {len(paths)} file(s)"
             except BaseException as exc:  # the finding
                 outcome["result"] = f"FAILED {type(exc).__name__}: {str(exc).splitlines()[0][:300]}"

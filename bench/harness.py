@@ -10,6 +10,7 @@ holds; each run's memory peak is taken above what was held when it started.
 from __future__ import annotations
 
 import argparse
+import asyncio
 import functools
 import inspect
 import os
@@ -22,7 +23,7 @@ from collections import defaultdict
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Callable, Optional, Protocol, Sequence
+from typing import Any, Optional, Protocol, Sequence
 
 import torch
 from diffusers import LatentConsistencyModelPipeline
@@ -133,22 +134,20 @@ class Ours:
         engine = self.predictor.engine
         self.dtype = str(engine.dtype).removeprefix("torch.")
         self.speed = engine.accel.describe()
-        generate = engine.generate
+        generate_batch = engine.generate_batch
 
-        def observed(
-            request: Request, on_step: Optional[Callable[[int, torch.Tensor], None]] = None, **kwargs: Any
-        ) -> Any:
-            """Engine.generate as generate_files calls it, keeping the Generation and timing each step."""
+        def observed(requests: list[Request], cancels: list[Any], on_step: Any = None) -> Any:
+            """Engine.generate_batch as the queue calls it, keeping the Generation and timing each step."""
 
             def step(index: int, timestep: torch.Tensor) -> None:
                 self.recorder.step(index, timestep)
                 if on_step is not None:
                     on_step(index, timestep)
 
-            self.generation = generate(request, on_step=step, **kwargs)
-            return self.generation
+            (self.generation,) = generate_batch(requests, cancels, step)
+            return [self.generation]
 
-        engine.generate = observed
+        engine.generate_batch = observed
         self.kwargs = predict_inputs(self.settings)
 
     def enter(self) -> None:
@@ -157,7 +156,7 @@ class Ours:
             allocator.hold_freed_memory(True)
 
     def run(self) -> Output:
-        self.predictor.predict(**self.kwargs)
+        asyncio.run(self.predictor.predict(**self.kwargs))  # a coroutine, as Cog's event loop runs it
         generation = self.generation
         stages = dict(generation.timings)
         self.safety_checker = "on" if "safety" in stages else "off"
@@ -177,8 +176,8 @@ class Ours:
         return [stages["unet"] - (marks[-1] - marks[0]), *later]
 
     def close(self) -> None:
-        if self.predictor.output_dir is not None:
-            shutil.rmtree(self.predictor.output_dir, ignore_errors=True)
+        for folder, _ in self.predictor.returned:
+            shutil.rmtree(folder, ignore_errors=True)
         del self.predictor, self.generation
 
 
@@ -390,15 +389,22 @@ def run_cli(args: argparse.Namespace, argv: list[str]) -> int:
     """Resolve, run, print the table and the speedup line (last), append to RESULTS.md if asked."""
     try:
         settings = resolve(args)
-        ours, reference = benchmark(settings)
+        if args.clients is not None:
+            from bench import serving
+
+            table, speedup = serving.run(settings, args.clients, args.requests)
+            print(table)
+        else:
+            ours, reference = benchmark(settings)
+            table = report.table(settings, ours, reference)
+            speedup = f"speedup_vs_reference={reference.median / ours.median:.3f}"
+            print("\n".join([*report.describe(settings), "", table]))
     except LCMError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    table = report.table(settings, ours, reference)
-    speedup = f"speedup_vs_reference={reference.median / ours.median:.3f}"
-    print("\n".join([*report.describe(settings), "", table]))
     if args.record is not None:
-        report.append(args.record, settings, f"python -m bench {shlex.join(argv)}".strip(), table, speedup)
+        command = f"python -m bench {shlex.join(argv)}".strip()
+        report.append(args.record, settings, command, table, speedup, described=args.clients is None)
         _say(f"appended to {args.record}")
     print(speedup)
     return 0

@@ -208,12 +208,16 @@ def notes(settings: Settings, ours: Result, reference: Result) -> list[str]:
     return lines
 
 
-def append(path: Path, settings: Settings, command: str, table_text: str, speedup: str) -> None:
-    """Add one dated section to the results log, newest last."""
+def append(
+    path: Path, settings: Settings, command: str, table_text: str, speedup: str, described: bool = True
+) -> None:
+    """Add one dated section to the results log, newest last (`described`: with describe()'s lines,
+    which the serving benchmark's text holds itself)."""
     now = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     s = settings
     title = f"## {now} — {s.device.type}, {s.size}x{s.size}, {s.steps} steps, batch {s.batch}"
-    bullets = [f"- {line}" for line in describe(settings)] + [f"- command: `{command}`"]
+    bullets = [f"- {line}" for line in describe(settings)] if described else []
+    bullets.append(f"- command: `{command}`")
     section = "\n".join([title, "", *bullets, "", table_text, "", f"`{speedup}`", ""])
     existing = path.read_text().rstrip("\n") + "\n\n" if path.exists() else ""
     path.write_text(existing + section)

@@ -8,6 +8,9 @@
                           (N images), comma-separated, at most MAX_COMPILE_SIZES (default 768x768)
     LCM_CUDA_GRAPHS=1     with LCM_COMPILE on CUDA, record CUDA graphs (mode "reduce-overhead")
     LCM_VAE_DTYPE=...     float16, bfloat16 or float32 for the VAE (default: see vae_dtype)
+    LCM_DECODE_CHUNK=N    images per VAE decoder pass, 1 to MAX_IMAGES (default: 8 on CUDA, 1 on CPU)
+    LCM_BATCH_PIXELS=N    images x width x height that queued requests may share UNet passes up to
+                          (0: one request at a time; default: see batch_pixels)
     LCM_HOLD_MEMORY=0     let glibc unmap freed activations and give its heap back (see hold_freed_memory)
 
 A setting is on by default on a device only where a benchmark on that device (bench/RESULTS.md)
@@ -26,11 +29,15 @@ import torch
 
 from lcm import allocator
 from lcm.errors import InputError, LCMError
-from lcm.params import DEFAULT_SIZE, Request
+from lcm.params import DEFAULT_SIZE, MAX_IMAGES, Request
 
 log = logging.getLogger("lcm")
 
 COMPILE_SIZES_ENV = "LCM_COMPILE_SIZES"
+DECODE_CHUNK_ENV = "LCM_DECODE_CHUNK"
+BATCH_PIXELS_ENV = "LCM_BATCH_PIXELS"
+# A guess until a GPU benchmark says otherwise (bench/RESULTS.md): 8 images at 512x512 per batch.
+CUDA_BATCH_PIXELS = 8 * 512 * 512
 MAX_COMPILE_SIZES = 4  # each costs a compilation in setup (minutes on a CPU, tens of seconds on a GPU)
 DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
 
@@ -44,6 +51,40 @@ def _flag(name: str, default: bool) -> bool:
     if value.lower() in ("0", "false", "no", "off"):
         return False
     raise LCMError(f"{name}={value!r} is not allowed: use 1 or 0")
+
+
+def decode_chunk(device: torch.device) -> int:
+    """LCM_DECODE_CHUNK, else 8 on CUDA and 1 on CPU.
+
+    The decoder's activations at 1024 px are about 3 GB per image in fp32: on a CPU, one image
+    per pass keeps a request's peak memory that of one image. Neither default is measured for speed.
+    """
+    text = os.environ.get(DECODE_CHUNK_ENV)
+    if not text:
+        return 8 if device.type == "cuda" else 1
+    if not text.strip().isdecimal() or not 1 <= int(text) <= MAX_IMAGES:
+        raise LCMError(
+            f"{DECODE_CHUNK_ENV}={text!r} is not allowed: use an integer from 1 to {MAX_IMAGES}, "
+            "the images decoded per VAE pass"
+        )
+    return int(text)
+
+
+def batch_pixels(device: torch.device) -> int:
+    """LCM_BATCH_PIXELS, else CUDA_BATCH_PIXELS on CUDA (a guess) and 0 on CPU (measured: README).
+
+    The budget bounds what queued requests add to the oldest one's batch; a request alone is
+    served whatever its size.
+    """
+    text = os.environ.get(BATCH_PIXELS_ENV)
+    if not text:
+        return CUDA_BATCH_PIXELS if device.type == "cuda" else 0
+    if not text.strip().isdecimal():
+        raise LCMError(
+            f"{BATCH_PIXELS_ENV}={text!r} is not allowed: use a whole number of pixels (images x width "
+            f"x height) that requests served together may add up to, or 0 for one request at a time"
+        )
+    return int(text)
 
 
 def compile_sizes() -> tuple[tuple[int, int, int], ...]:
@@ -81,6 +122,8 @@ class Accel:
     cuda_graphs: bool = False
     hold_memory: bool = field(default_factory=lambda: allocator.glibc() is not None)
     vae_dtype: Optional[torch.dtype] = None  # None: the pipeline's dtype
+    decode_chunk: int = 1  # images per VAE decoder pass (TAESD's fast_decode takes the whole batch)
+    batch_pixels: int = 0  # what requests served together may add up to: images x width x height
 
     @classmethod
     def from_env(cls, device: torch.device, dtype: torch.dtype, vae_config: Any) -> "Accel":
@@ -100,6 +143,8 @@ class Accel:
             cuda_graphs=cuda_graphs,
             hold_memory=holds_memory(device),
             vae_dtype=vae_dtype(device, dtype, vae_config),
+            decode_chunk=decode_chunk(device),
+            batch_pixels=batch_pixels(device),
         )
 
     def describe(self) -> str:
@@ -110,7 +155,8 @@ class Accel:
             if getattr(self, name)
         ]
         vae = str(self.vae_dtype).removeprefix("torch.") if self.vae_dtype else "same"
-        described = f"accel={'+'.join(on) or 'none'} vae_dtype={vae}"
+        described = f"accel={'+'.join(on) or 'none'} vae_dtype={vae} decode_chunk={self.decode_chunk}"
+        described += f" batch_pixels={self.batch_pixels}"
         if self.compile:
             sizes = ",".join(f"{w}x{h}x{n}" for w, h, n in self.compile_sizes)
             described += f" compile_sizes={sizes}"

@@ -20,12 +20,12 @@ import numpy as np
 import torch
 from diffusers import AutoencoderTiny, LCMScheduler
 
-from lcm import accel, allocator, compiling, images, prompts, safety, sampler
+from lcm import accel, allocator, batching, compiling, images, prompts, safety, sampler
 from lcm.errors import InputError, LCMError
 from lcm.loading import default_dtype, load_pipeline, load_taesd, pick_device
 from lcm.params import Request
 from lcm.weights import weights_dir
-from lcm.worker import CancelFlag, EngineThread, Job
+from lcm.worker import CancelFlag, Cancelled, EngineThread, Job
 
 StepCallback = Callable[[int, torch.Tensor], None]
 WARM_UP_PROMPT = "warm-up"
@@ -43,6 +43,16 @@ class Generation:
     nsfw: list[bool]  # all False when the safety checker did not run
     timings: dict[str, float] = field(default_factory=dict)
     eager: Optional[list[str]] = None  # with compile on: the compiled modules this request ran eagerly
+    batch: tuple[int, int] = (1, 1)  # the batch it ran in: requests, images (generate_batch sets it)
+
+
+@dataclass(frozen=True)
+class Served:
+    """A request's files and its log line, which whoever waited logs: Cog attributes a log line to a
+    prediction by the context it is written in (the predict coroutine's), not by the engine thread."""
+
+    paths: list[Path]
+    summary: str
 
 
 class _Clock:
@@ -87,6 +97,7 @@ class Engine:
         self.vae_scale_factor = 2 ** (len(pipe.vae.config.block_out_channels) - 1)
         self.thread = thread or EngineThread()
         self.compiled: list[compiling.CompiledForShapes] = []
+        self.queue = batching.Queue()  # submitted requests, until a batch takes them
         # The same configuration however the engine was made, applied on its thread.
         self.thread.call(accel.apply, pipe, taesd, self.accel)
 
@@ -151,7 +162,7 @@ class Engine:
                 disable_safety_checker=True,
             )
             for _ in range(runs):
-                self._generate(request, None, None)
+                self.generate_batch([request], [CancelFlag()])
         for module in self.compiled:
             module.seal()
 
@@ -237,20 +248,27 @@ class Engine:
         error says what to ask for instead.
         """
         self.check(request)
-        return self.thread.call(self._generate_or_explain, request, on_step, cancel)
+        return self.thread.call(self._generate_one, request, on_step, cancel)
 
-    def _generate_or_explain(
+    def _generate_one(
         self, request: Request, on_step: Optional[StepCallback], cancel: Optional[CancelFlag]
     ) -> Generation:
         try:
-            return self._generate(request, on_step, cancel)
+            (generation,) = self.generate_batch([request], [cancel or CancelFlag()], on_step)
         except torch.OutOfMemoryError as exc:
-            log.warning("out of memory: %s", exc)
-            self.free_memory()
-            raise LCMError(
-                f"out of {self.device.type.upper()} memory generating {request.num_images} image(s) at "
-                f"{request.width}x{request.height}: try a smaller size or fewer images"
-            ) from None
+            raise self._out_of_memory(exc, [request]) from None
+        if generation is None:
+            raise Cancelled()
+        return generation
+
+    def _out_of_memory(self, exc: BaseException, requests: list[Request]) -> LCMError:
+        log.warning("out of memory: %s", exc)
+        self.free_memory()
+        r, images_ = requests[0], sum(r.num_images for r in requests)
+        return LCMError(
+            f"out of {self.device.type.upper()} memory generating {images_} image(s) at "
+            f"{r.width}x{r.height}: try a smaller size or fewer images"
+        )
 
     def free_memory(self) -> None:
         """Give cached allocations back to the device after a failure."""
@@ -259,87 +277,166 @@ class Engine:
             torch.cuda.empty_cache()
 
     @torch.inference_mode()
-    def _generate(
-        self, request: Request, on_step: Optional[StepCallback], cancel: Optional[CancelFlag]
-    ) -> Generation:
-        boundary = cancel.check if cancel is not None else _nothing
-        boundary()
+    def generate_batch(
+        self,
+        requests: list[Request],
+        cancels: list[CancelFlag],
+        on_step: Optional[StepCallback] = None,
+    ) -> list[Optional[Generation]]:
+        """Requests that share a batching.shape_key, in one set of UNet passes; on the engine thread.
 
-        def step(index: int, timestep: torch.Tensor) -> None:
-            if on_step is not None:
-                on_step(index, timestep)
-            boundary()
-
+        Each request keeps its own prompt embedding, its images their own CPU generators, its
+        guidance its own rows of the w-embedding, and its safety setting. A request whose flag
+        is set leaves the batch at the next step (None in its place); the others go on.
+        """
+        sizes = [r.num_images for r in requests]
+        owners = [k for k, n in enumerate(sizes) for _ in range(n)]  # the request of each running row
         for module in self.compiled:
             module.eager_calls = 0
         clock = _Clock(self.device)
-        pipe = self.pipe
-        embedding = prompts.encode_prompt(
-            pipe.tokenizer, pipe.text_encoder, request.prompt, self.device, request.clip_skip
-        )
+        pipe, first = self.pipe, requests[0]
+        embeddings = [
+            prompts.encode_prompt(pipe.tokenizer, pipe.text_encoder, r.prompt, self.device, r.clip_skip)
+            for r in requests
+        ]
         clock.lap("text")
-        generators = sampler.generators_for(request.seeds)
-        scheduler = self.scheduler(request)
-        latents = self.start_latents(request, scheduler, generators)
+        scheduler = self.scheduler(first)  # the same timesteps for all: they share a shape key
+        generators = [sampler.generators_for(r.seeds) for r in requests]
+        starts = [self.start_latents(r, scheduler, g) for r, g in zip(requests, generators, strict=True)]
+        latents = torch.cat(starts) if len(starts) > 1 else starts[0]
         clock.lap("prepare")
-        boundary()
+
+        def prune() -> Optional[list[int]]:
+            keep = [i for i, k in enumerate(owners) if not cancels[k].is_set()]
+            if len(keep) == len(owners):
+                return None
+            owners[:] = [owners[i] for i in keep]
+            return keep
+
+        step = on_step if on_step is not None else _ignore_step
         denoised = sampler.sample(
             pipe.unet,
             scheduler,
-            embedding.embeds,
+            _rows([e.embeds for e in embeddings], sizes),
             latents,
-            request.guidance_scale,
-            generators,
+            [r.guidance_scale for r in requests for _ in range(r.num_images)],
+            [g for per_request in generators for g in per_request],
             step,
             planned=self.accel.planned_step,
+            prune=prune,
         )
+        kept = prune()  # flags set during the last step: decode nothing for them
+        if kept is not None:
+            denoised = denoised[kept]
         clock.lap("unet")
-        boundary()
-        if request.fast_decode:  # TAESD is small: the whole batch in one pass
-            pixels = images.decode(self.taesd, denoised, chunk=request.num_images)
-        else:
-            pixels = images.decode(pipe.vae, denoised, chunk=self.decode_chunk)
+        pixels = np.zeros((0, first.height, first.width, 3), dtype=np.uint8)
+        if owners:
+            if first.fast_decode:  # TAESD is small: the whole batch in one pass
+                pixels = images.decode(self.taesd, denoised, chunk=len(owners))
+            else:
+                pixels = images.decode(pipe.vae, denoised, chunk=self.accel.decode_chunk)
         clock.lap("vae")
-        nsfw = [False] * len(pixels)
-        if request.safety_checker:
-            boundary()
-            nsfw = safety.flag_nsfw(
-                pipe.feature_extractor, pipe.safety_checker, pixels, self.device, self.dtype
+        nsfw = [False] * len(owners)
+        checked = [i for i, k in enumerate(owners) if requests[k].safety_checker]
+        if checked:
+            verdicts = safety.flag_nsfw(
+                pipe.feature_extractor, pipe.safety_checker, pixels[checked], self.device, self.dtype
             )
+            for i, verdict in zip(checked, verdicts, strict=True):
+                nsfw[i] = verdict
             clock.lap("safety")
         eager = [m.name for m in self.compiled if m.eager_calls] if self.compiled else None
-        return Generation(request, pixels, embedding.num_tokens, nsfw, clock.timings, eager)
+        batch = (len(requests), sum(sizes))
+        results: list[Optional[Generation]] = []
+        for k, (request, embedding) in enumerate(zip(requests, embeddings, strict=True)):
+            rows = [i for i, owner in enumerate(owners) if owner == k]
+            results.append(
+                Generation(
+                    request,
+                    pixels[rows],
+                    embedding.num_tokens,
+                    [nsfw[i] for i in rows],
+                    dict(clock.timings),
+                    eager,
+                    batch,
+                )
+                if rows
+                else None
+            )
+        return results
 
-    @property
-    def decode_chunk(self) -> int:
-        """Images per VAE decoder pass: the decoder's activations at 1024 px are ~3 GB per image in fp32."""
-        return 8 if self.device.type == "cuda" else 1
+    def submit(self, request: Request, out_dir: str | os.PathLike) -> Job[Served]:
+        """Queue the request's files for the engine; returns at once with its Job.
 
-    def submit(self, request: Request, out_dir: str | os.PathLike) -> Job[list[Path]]:
-        """Queue the request's files on the engine thread; returns at once with its Job.
-
-        `job.result()` waits for the paths (or re-raises the request's error); `job.cancel()`
-        stops it at the next step or stage boundary, and a cancelled request leaves no files.
+        `job.result()` (or `await job.outcome()`) gives the files and log line, or re-raises the request's
+        error; `job.cancel()` stops it at the next step or stage boundary, and a cancelled
+        request leaves no files. Requests queued meanwhile that fit the same passes are served
+        together (lcm.batching), within the device's batch budget.
         """
         self.check(request)
-        return self.thread.submit(lambda cancel: self._generate_files(request, Path(out_dir), cancel))
+        job: Job[Served] = Job()
+        self.queue.put(batching.Pending(request, Path(out_dir), job))
+        self.thread.submit(self._serve_queue)  # finds its request already served when batched earlier
+        return job
 
     def generate_files(self, request: Request, out_dir: str | os.PathLike) -> list[Path]:
-        """submit() and wait; interrupted while waiting (Ctrl-C), the request is cancelled first."""
+        """submit() and wait, then log the request's line; interrupted while waiting (Ctrl-C), the
+        request is cancelled first."""
         job = self.submit(request, out_dir)
         try:
-            return job.result()
+            served = job.result()
         except BaseException:
             job.cancel_and_wait()
             raise
+        log.info("%s", served.summary)
+        return served.paths
 
-    def _generate_files(self, request: Request, out_dir: Path, cancel: CancelFlag) -> list[Path]:
-        """Generate, leave out flagged images, write the rest in parallel; log one line for the request.
+    def _shape_key(self, item: batching.Pending) -> Any:
+        windows, _ = prompts.token_windows(self.pipe.tokenizer, item.request.prompt)
+        return batching.shape_key(item.request, len(windows))
+
+    def _serve_queue(self, _flag: CancelFlag) -> None:
+        """On the engine thread: the next batch from the queue (nothing if it was served already)."""
+        items = []
+        for item in self.queue.take(self._shape_key, self.accel.batch_pixels):
+            if item.job.cancel_flag.is_set():
+                item.job.settle(error=Cancelled())
+            else:
+                items.append(item)
+        if items:
+            self._serve(items)
+
+    def _serve(self, items: list[batching.Pending]) -> None:
+        """Generate the batch, then write and settle each request on its own: one failing fails alone."""
+        requests = [item.request for item in items]
+        try:
+            generations = self.generate_batch(requests, [item.job.cancel_flag for item in items])
+        except BaseException as exc:
+            if len(items) > 1:  # whatever broke the batch (memory, say): each request alone
+                log.warning("a batch of %d requests failed (%s): serving each alone", len(items), exc)
+                self.free_memory()
+                for item in items:
+                    self._serve([item])
+                return
+            if isinstance(exc, torch.OutOfMemoryError):
+                exc = self._out_of_memory(exc, requests)
+            items[0].job.settle(error=exc)
+            return
+        for item, generation in zip(items, generations, strict=True):
+            try:
+                if generation is None:
+                    raise Cancelled()
+                item.job.settle(self._write_files(generation, item.out_dir, item.job.cancel_flag))
+            except BaseException as exc:  # this request's own failure: every image flagged, say
+                item.job.settle(error=exc)
+
+    def _write_files(self, generation: Generation, out_dir: Path, cancel: CancelFlag) -> Served:
+        """Leave out flagged images, write the rest in parallel; the files and the request's line.
 
         Raises LCMError when the safety checker flags every image, so a request never
         silently returns nothing. Cancelled or failed while writing, it removes what it wrote.
         """
-        generation = self.generate(request, cancel=cancel)
+        request = generation.request
         cancel.check()
         start = time.perf_counter()
         out_dir.mkdir(parents=True, exist_ok=True)
@@ -369,21 +466,24 @@ class Engine:
                 path.unlink(missing_ok=True)
             raise
         generation.timings["encode"] = time.perf_counter() - start
-        self.log_generation(generation)
+        summary = self.summary(generation)
         if not kept:
+            log.info("%s", summary)  # the server's log, as the prediction fails without it
             raise LCMError(
                 f"the safety checker flagged all {request.num_images} image(s) as possibly NSFW, so none is "
                 "returned: try another seed or prompt"
             )
-        return paths
+        return Served(paths, summary)
 
-    def log_generation(self, generation: Generation) -> None:
-        """One line an operator can act on: seed, size, steps, device, dtype, time per stage."""
+    def summary(self, generation: Generation) -> str:
+        """One line an operator can act on: seed, size, steps, batch, device, dtype, time per stage."""
         r = generation.request
         stages = " ".join(f"{k}={v:.3f}s" for k, v in generation.timings.items())
-        log.info(
+        return (
             "seed=%d images=%d size=%dx%d steps=%d guidance=%.2f origin_steps=%d tokens=%d clip_skip=%d "
-            "mode=%s decoder=%s format=%s quality=%d flagged=%s device=%s dtype=%s%s %s",
+            "mode=%s decoder=%s format=%s quality=%d flagged=%s batch=%drequests/%dimages device=%s "
+            "dtype=%s%s %s"
+        ) % (
             r.seed,
             r.num_images,
             r.width,
@@ -398,6 +498,7 @@ class Engine:
             r.output_format,
             r.output_quality,
             sum(generation.nsfw) if r.safety_checker else "off",
+            *generation.batch,
             self.device,
             str(self.dtype).removeprefix("torch."),
             _graphs(generation.eager),
@@ -414,8 +515,15 @@ def _graphs(eager: Optional[list[str]]) -> str:
     return f" graphs=eager({'+'.join(eager)}: not a size compiled in setup, see LCM_COMPILE_SIZES)"
 
 
-def _nothing() -> None:
-    """A boundary check for work that cannot be cancelled."""
+def _rows(embeds: list[torch.Tensor], sizes: list[int]) -> torch.Tensor:
+    """Each request's prompt embedding repeated for its images, the requests one after another."""
+    if len(embeds) == 1:
+        return embeds[0]  # the sampler expands it without a copy
+    return torch.cat([e.expand(n, -1, -1) for e, n in zip(embeds, sizes, strict=True)])
+
+
+def _ignore_step(index: int, timestep: torch.Tensor) -> None:
+    """No step callback."""
 
 
 def _inference(fn: Callable[..., Any]) -> Callable[..., Any]:

@@ -16,13 +16,17 @@ from diffusers import LatentConsistencyModelPipeline, LCMScheduler, UNet2DCondit
 from diffusers.utils.torch_utils import randn_tensor
 
 
-def guidance_embedding(guidance_scale: float, batch: int, dim: int) -> torch.Tensor:
+def guidance_embedding(guidance_scale: float | Sequence[float], batch: int, dim: int) -> torch.Tensor:
     """The w-embedding (float32, CPU) with diffusers' convention w = guidance_scale - 1.
 
+    One scale for every row, or one per row (requests served together each keep their own).
     Computed by diffusers' own LCM pipeline code, which uses no pipeline state: a generic
     sinusoidal embedding differs by up to 5e-4 at w * 1000 ~ 7000.
     """
-    w = torch.full((batch,), guidance_scale - 1.0, dtype=torch.float32)
+    scales = [guidance_scale] * batch if isinstance(guidance_scale, (int, float)) else list(guidance_scale)
+    if len(scales) != batch:
+        raise ValueError(f"{len(scales)} guidance scales for {batch} rows")
+    w = torch.tensor(scales, dtype=torch.float64).sub(1.0).to(torch.float32)
     return LatentConsistencyModelPipeline.get_guidance_scale_embedding(None, w, embedding_dim=dim)
 
 
@@ -107,17 +111,21 @@ def sample(
     scheduler: LCMScheduler,
     prompt_embeds: torch.Tensor,
     latents: torch.Tensor,
-    guidance_scale: float,
+    guidance_scale: float | Sequence[float],
     generators: list[torch.Generator],
     on_step: Optional[Callable[[int, torch.Tensor], None]] = None,
     planned: bool = True,
+    prune: Optional[Callable[[], Optional[Sequence[int]]]] = None,
 ) -> torch.Tensor:
     """Run the scheduler's timesteps from `latents`; return the final denoised latents.
 
     The scheduler must already hold its timesteps (set_timesteps); `latents` are the starting
     sample, already scaled (pure noise for text to image, the noised image for image to image).
-    `planned` runs the host-planned step (same arithmetic and noise as `scheduler.step`, no
-    device-to-host waits); otherwise diffusers' `scheduler.step` runs each step.
+    `guidance_scale` is one for all rows or one per row. `planned` runs the host-planned step
+    (same arithmetic and noise as `scheduler.step`, no device-to-host waits); otherwise
+    diffusers' `scheduler.step` runs each step. `prune()`, asked before each step, may name the
+    rows (indices into the rows still running) that go on; the others leave the batch, and the
+    result holds only the rows that stayed. Each row's arithmetic and noise are its own either way.
     """
     batch = latents.shape[0]
     w_embedding = guidance_embedding(guidance_scale, batch, unet.config.time_cond_proj_dim).to(
@@ -128,8 +136,19 @@ def sample(
     plan = (
         plan_steps(scheduler, generators, latents) if planned and planned_step_supported(scheduler) else None
     )
+    noise = plan.noise if plan is not None else None
     denoised = latents
     for i, t in enumerate(scheduler.timesteps):  # on the device: the UNet takes them without a copy
+        kept = prune() if prune is not None else None
+        if kept is not None and len(kept) < latents.shape[0]:
+            rows = torch.tensor(list(kept), dtype=torch.long, device=latents.device)
+            latents, denoised = latents.index_select(0, rows), denoised.index_select(0, rows)
+            prompt_embeds = prompt_embeds.index_select(0, rows)
+            w_embedding = w_embedding.index_select(0, rows)
+            noise = noise.index_select(1, rows) if noise is not None else None
+            generators = [generators[k] for k in kept]
+            if not kept:
+                return denoised
         model_pred = unet(
             latents,
             t,
@@ -145,7 +164,7 @@ def sample(
             original = latents * plan.sample_scale[i] - model_pred * plan.model_scale[i]
             denoised = original * plan.c_out[i] + latents * plan.c_skip[i]
             last = i == len(plan.c_out) - 1
-            latents = denoised if last else denoised * plan.keep[i] + plan.noise[i] * plan.fresh[i]
+            latents = denoised if last else denoised * plan.keep[i] + noise[i] * plan.fresh[i]
         if on_step is not None:
             on_step(i, t)
     return denoised

@@ -12,6 +12,7 @@ decoding, before writing files): nothing is ever raised into this thread from ou
 
 from __future__ import annotations
 
+import asyncio
 import queue
 import threading
 import weakref
@@ -53,27 +54,50 @@ class CancelFlag:
 
 
 class Job(Generic[T]):
-    """One piece of work queued for the engine thread, its cancel flag and, once done, its outcome."""
+    """One piece of work for the engine thread, its cancel flag and, once done, its outcome.
 
-    def __init__(self, work: Callable[[CancelFlag], T]) -> None:
+    Either it carries its own `work`, which `run` calls, or (work None) the engine settles it
+    from the batch that served it.
+    """
+
+    def __init__(self, work: Optional[Callable[[CancelFlag], T]] = None) -> None:
         self.work = work
         self.cancel_flag = CancelFlag()
         self._done = threading.Event()
         self._result: Optional[T] = None
         self._error: Optional[BaseException] = None
+        self._lock = threading.Lock()
+        self._callbacks: list[Callable[[], None]] = []
 
     def run(self) -> None:
         """On the engine thread: the work, keeping its result or exception for the waiting thread."""
         try:
-            if not self.cancel_flag.is_set():
-                self._result = self.work(self.cancel_flag)
-            else:
-                self._error = Cancelled()
+            if self.cancel_flag.is_set():
+                raise Cancelled()
+            self.settle(self.work(self.cancel_flag))  # type: ignore[misc]
         except BaseException as exc:  # handed to the waiting thread, whatever it was
-            self._error = exc
+            self.settle(error=exc)
         finally:
-            self.work = None  # type: ignore[assignment]  # drop what the closure holds
+            self.work = None  # drop what the closure holds
+
+    def settle(self, result: Optional[T] = None, error: Optional[BaseException] = None) -> None:
+        """Record the outcome (once; later calls are ignored) and wake whoever waits."""
+        with self._lock:
+            if self._done.is_set():
+                return
+            self._result, self._error = result, error
             self._done.set()
+            callbacks, self._callbacks = self._callbacks, []
+        for callback in callbacks:
+            callback()
+
+    def _when_done(self, callback: Callable[[], None]) -> None:
+        """callback() once the job is done: now if it is, else from the thread that settles it."""
+        with self._lock:
+            if not self._done.is_set():
+                self._callbacks.append(callback)
+                return
+        callback()
 
     @property
     def done(self) -> bool:
@@ -90,6 +114,39 @@ class Job(Generic[T]):
         if self._error is not None:
             raise self._error
         return self._result  # type: ignore[return-value]
+
+    async def outcome(self) -> T:
+        """Await the outcome in an event loop (Cog's, for an async predict), without polling.
+
+        Cog cancels an async predict with asyncio.CancelledError at this await; the caller then
+        awaits `cancelled`.
+        """
+        await self._settled()
+        if self._error is not None:
+            raise self._error
+        return self._result  # type: ignore[return-value]
+
+    async def cancelled(self) -> None:
+        """Set the flag and await the engine letting go of the job, whatever lands meanwhile."""
+        self.cancel_flag.set()
+        while not self._done.is_set():
+            try:
+                await self._settled()
+            except asyncio.CancelledError:  # a repeated cancellation: keep waiting
+                continue
+
+    async def _settled(self) -> None:
+        loop = asyncio.get_running_loop()
+        settled = loop.create_future()
+
+        def wake() -> None:
+            try:
+                loop.call_soon_threadsafe(lambda: settled.done() or settled.set_result(None))
+            except RuntimeError:  # the loop has closed: nobody waits any more
+                pass
+
+        self._when_done(wake)
+        await settled
 
     def cancel(self) -> None:
         self.cancel_flag.set()

@@ -193,8 +193,8 @@ class _Source:
         return (node.lineno, column) in self.after_paren
 
 
-def _predict_method(source: _Source, class_name: str) -> ast.FunctionDef:
-    """The predictor class's `def predict`, the one form of predictor method read here."""
+def _predict_method(source: _Source, class_name: str) -> ast.FunctionDef | ast.AsyncFunctionDef:
+    """The predictor class's `def predict` or `async def predict`, the forms of predictor method read here."""
     classes = [
         node for node in source.tree.body if isinstance(node, ast.ClassDef) and node.name == class_name
     ]
@@ -206,14 +206,14 @@ def _predict_method(source: _Source, class_name: str) -> ast.FunctionDef:
         if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)) and node.name in ("run", "predict")
     ]
     method = methods[0] if methods else classes[0]
-    if len(methods) != 1 or not isinstance(method, ast.FunctionDef) or method.name != "predict":
+    if len(methods) != 1 or method.name != "predict":
         found = [
             f"`{'async def' if isinstance(m, ast.AsyncFunctionDef) else 'def'} {m.name}`" for m in methods
         ]
         raise source.error(
             method,
             f"{class_name} defines {', '.join(found) or 'no predict()'}: scripts/cog_schema.py reads "
-            "exactly one `def predict(self, ...)`, and neither run() nor async def",
+            "exactly one `def predict(self, ...)` or `async def predict(self, ...)`, and not run()",
         )
     args = method.args
     plain = [arg.arg for arg in args.args[:1]] == ["self"]
@@ -226,7 +226,7 @@ def _predict_method(source: _Source, class_name: str) -> ast.FunctionDef:
     return method
 
 
-def _fields(source: _Source, method: ast.FunctionDef) -> list[_Field]:
+def _fields(source: _Source, method: ast.FunctionDef | ast.AsyncFunctionDef) -> list[_Field]:
     params = method.args.args[1:]  # after self
     defaults = [None] * (len(params) - len(method.args.defaults)) + method.args.defaults
     return [_field(source, param, default) for param, default in zip(params, defaults, strict=True)]
@@ -272,7 +272,7 @@ def _field(source: _Source, param: ast.arg, default: ast.expr | None) -> _Field:
     return field
 
 
-def _output(source: _Source, method: ast.FunctionDef) -> dict[str, Any]:
+def _output(source: _Source, method: ast.FunctionDef | ast.AsyncFunctionDef) -> dict[str, Any]:
     """The Output component: cog build's JSON schema of the return type (pkg/schema/schema_type.go)."""
     returns = method.returns
     if returns is None or ast.unparse(returns) != _OUTPUT:

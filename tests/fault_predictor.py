@@ -20,12 +20,12 @@ class Predictor(predict.Predictor):
     def setup(self) -> None:
         super().setup()
         engine = self.engine
-        generate, forward = engine.generate, engine.pipe.unet.forward
+        generate_batch, forward = engine.generate_batch, engine.pipe.unet.forward
         current: dict[str, bool] = {"oom": False}
 
-        def generate_and_note(request: Request, *args: Any, **kwargs: Any) -> Any:
-            current["oom"] = OOM_MARKER in request.prompt
-            return generate(request, *args, **kwargs)
+        def generate_and_note(requests: list[Request], *args: Any, **kwargs: Any) -> Any:
+            current["oom"] = any(OOM_MARKER in request.prompt for request in requests)
+            return generate_batch(requests, *args, **kwargs)
 
         def forward_or_oom(*args: Any, **kwargs: Any) -> Any:
             if current["oom"]:
@@ -34,5 +34,5 @@ class Predictor(predict.Predictor):
                 )
             return forward(*args, **kwargs)
 
-        engine.generate = generate_and_note
+        engine.generate_batch = generate_and_note
         engine.pipe.unet.forward = forward_or_oom

@@ -41,19 +41,18 @@ class Predictor(predict.Predictor):
         current = {"predict": 0}
         for module in (pipe.unet, pipe.vae, pipe.text_encoder, pipe.safety_checker):
             module.register_forward_pre_hook(lambda *_: model_threads.add(threading.get_ident()))
-        submit, log = engine.submit, engine.log_generation
+        submit, summary = engine.submit, engine.summary
 
         def submit_noting_thread(*args: Any, **kwargs: Any) -> Any:
             model_threads.clear()
             current["predict"] = threading.get_ident()
             return submit(*args, **kwargs)
 
-        def log_with_probe(generation: Any) -> None:
-            log(generation)
-            print(
-                f"probe setup={setup_thread} load={_ids(load_threads)} engine={engine.thread.ident} "
-                f"predict={current['predict']} model={_ids(model_threads)}",
-                flush=True,
+        def summary_with_probe(generation: Any) -> str:
+            """The request's log line, which predict() logs in the prediction's context, and the probe's."""
+            return summary(generation) + (
+                f"\nprobe setup={setup_thread} load={_ids(load_threads)} engine={engine.thread.ident} "
+                f"predict={current['predict']} model={_ids(model_threads)}"
             )
 
-        engine.submit, engine.log_generation = submit_noting_thread, log_with_probe
+        engine.submit, engine.summary = submit_noting_thread, summary_with_probe

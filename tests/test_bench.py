@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import re
 import subprocess
 import sys
@@ -59,3 +60,18 @@ def test_gpu_check_runs_its_steps_in_processes_and_refuses_unknown_ones(tiny_che
     assert "-- versions: exit 0" in (tmp_path / "gpu_check.log").read_text()
     bad = subprocess.run([*command, "--steps", "versions,warp"], cwd=ROOT, capture_output=True, text=True)
     assert bad.returncode == 2 and "--steps warp is not allowed" in bad.stderr
+
+
+def test_serving_mode_drives_the_real_server_and_ends_with_its_speedup_line(tiny_checkpoint):
+    """K clients against one at a time on one server; with a batch budget, the queue forms batches."""
+    command = [sys.executable, "-m", "bench", "--device", "cpu", "--size", "256", "--steps", "2"]
+    command += ["--weights", str(tiny_checkpoint), "--clients", "3", "--requests", "6"]
+    env = {**os.environ, "LCM_BATCH_PIXELS": str(3 * 256 * 256)}
+    done = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=300, env=env)
+    assert done.returncode == 0, done.stderr[-3000:]
+    out = done.stdout
+    assert re.fullmatch(r"serving_speedup_vs_one_client=\d+\.\d+", out.strip().splitlines()[-1]), out
+    rows = dict(re.findall(r"^\| (\d+) \| [\d.]+ \| [\d.]+ \| [\d.]+ \| [\d.]+ \| (.*) \|$", out, re.M))
+    assert rows["1"] == "1: 6", out  # one client: every request alone
+    formed = dict(pair.split(": ") for pair in rows["3"].split(", "))
+    assert sum(map(int, formed.values())) == 6 and any(int(size) > 1 for size in formed), out

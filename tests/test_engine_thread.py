@@ -97,14 +97,14 @@ def test_a_cancel_flag_stops_the_request_after_the_current_step(engine, tmp_path
         if step == 1:
             holder["job"].cancel()
 
-    generate = engine.generate
+    generate_batch = engine.generate_batch
     try:
-        engine.generate = lambda r, on_step=None, cancel=None: generate(r, cancel_at_second_step, cancel)
+        engine.generate_batch = lambda rs, cs, on_step=None: generate_batch(rs, cs, cancel_at_second_step)
         holder["job"] = engine.submit(request(num_inference_steps=20), tmp_path / "out")
         with pytest.raises(Cancelled):
             holder["job"].result()
     finally:
-        del engine.generate
+        del engine.generate_batch
         handle.remove()
     assert len(passes) == 2  # the step that saw the flag was the last
     assert not list((tmp_path / "out").glob("*"))

@@ -325,7 +325,7 @@ def test_what_the_generator_does_not_read_fails_naming_it(body: str, header: str
     [
         ("class Predictor:\n    def predict(self) -> Iterator[Path]: ...\n", "Iterator[Path]"),
         ("class Predictor:\n    def predict(self) -> str: ...\n", "str"),
-        ("class Predictor:\n    async def predict(self) -> List[Path]: ...\n", "async def predict"),
+        ("class Predictor:\n    async def run(self) -> List[Path]: ...\n", "async def run"),
         ("class Predictor:\n    def run(self) -> List[Path]: ...\n", "def run"),
         ("class Predictor:\n    def predict(self, *, x: int) -> List[Path]: ...\n", "*"),
         ("class Predictor:\n    def run(self) -> str: ...\n    def predict(self) -> str: ...\n", "def run"),

@@ -28,7 +28,7 @@ CPU = torch.device("cpu")
 
 # Run in a fresh interpreter, so the socket functions are blocked before any library is imported.
 NO_NETWORK_RUN = """
-import base64, inspect, json, socket, sys, urllib.request
+import asyncio, base64, inspect, json, socket, sys, urllib.request
 from pathlib import Path
 
 attempts = []
@@ -54,11 +54,11 @@ defaults = {
     if name != "self"
 }
 small = dict(defaults, width=256, height=256, num_inference_steps=1, seed=1)
-files = [p.name for p in predictor.predict(**small)]
+files = [p.name for p in asyncio.run(predictor.predict(**small))]
 # The image as Cog's worker hands it over: a data: URL, downloaded by URLPath.convert.
 url = "data:image/png;base64," + base64.b64encode(Path(sys.argv[1]).read_bytes()).decode()
 image = predict.cog.types.Path.validate(url).convert()
-files += [p.name for p in predictor.predict(**dict(small, image=image, width=None, height=None))]
+files += [p.name for p in asyncio.run(predictor.predict(**dict(small, image=image, width=None, height=None)))]
 made = list(attempts)
 try:  # the block itself works: a deliberate request is caught
     urllib.request.urlopen("http://127.0.0.1:9/", timeout=1)

@@ -1,0 +1,89 @@
+"""Requests waiting for the engine, and which of them can share UNet passes.
+
+Requests queue here in arrival order. Whenever the engine is free it takes the oldest one and,
+after it, every queued request whose tensors fit the same passes (same size, timesteps, image
+to image or not, decoder and prompt-embedding length), while the batch's images x pixels stay
+within the device's budget. A request never waits for more than the batch already running: the
+engine takes what is queued when it starts, and a later arrival waits for the next batch.
+"""
+
+from __future__ import annotations
+
+import threading
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Hashable, Optional
+
+from lcm.params import Request
+from lcm.worker import Job
+
+
+@dataclass(eq=False)
+class Pending:
+    """One submitted request, where its files go, and the Job its caller waits on."""
+
+    request: Request
+    out_dir: Path
+    job: Job
+    key: Optional[Hashable] = field(default=None, repr=False)
+
+    @property
+    def pixels(self) -> int:
+        return self.request.num_images * self.request.width * self.request.height
+
+
+def shape_key(request: Request, windows: int) -> Hashable:
+    """What must be equal for two requests to run in the same UNet passes and decoder calls.
+
+    Size, steps and origin steps (hence timesteps), image to image with its strength (the
+    timesteps it keeps), the decoder, and the prompt's 77-token window count (the length of
+    the cross-attention's context). Prompts, seeds, guidance, clip skip, safety, format and
+    quality are per request: they ride along as rows or are applied per request afterwards.
+    """
+    r = request
+    strength = r.prompt_strength if r.image is not None else None
+    return (r.width, r.height, r.num_inference_steps, r.lcm_origin_steps, strength, r.fast_decode, windows)
+
+
+class Queue:
+    """Thread-safe arrival-order queue that hands out batches of compatible requests."""
+
+    def __init__(self) -> None:
+        self._items: list[Pending] = []
+        self._lock = threading.Lock()
+
+    def __len__(self) -> int:
+        with self._lock:
+            return len(self._items)
+
+    def put(self, item: Pending) -> None:
+        with self._lock:
+            self._items.append(item)
+
+    def take(self, key: Callable[[Pending], Hashable], budget: int) -> list[Pending]:
+        """The oldest request, then each later one with its key while images x pixels <= budget.
+
+        `key(item)` may raise (a prompt too long to encode, say): that item is returned alone,
+        so its own error fails it and nothing else. Budget 0 serves one request at a time.
+        """
+        with self._lock:
+            if not self._items:
+                return []
+            head = self._items.pop(0)
+            try:
+                head.key = key(head) if head.key is None else head.key
+            except Exception:
+                return [head]
+            batch, used = [head], head.pixels
+            for item in list(self._items):
+                if used + item.pixels > budget:
+                    continue
+                try:
+                    item.key = key(item) if item.key is None else item.key
+                except Exception:
+                    continue
+                if item.key == head.key:
+                    self._items.remove(item)
+                    batch.append(item)
+                    used += item.pixels
+            return batch
