@@ -52,10 +52,6 @@ class Queue:
         self._items: list[Pending] = []
         self._lock = threading.Lock()
 
-    def __len__(self) -> int:
-        with self._lock:
-            return len(self._items)
-
     def put(self, item: Pending) -> None:
         with self._lock:
             self._items.append(item)

@@ -313,7 +313,6 @@ class Engine:
             owners[:] = [owners[i] for i in keep]
             return keep
 
-        step = on_step if on_step is not None else _ignore_step
         denoised = sampler.sample(
             pipe.unet,
             scheduler,
@@ -321,7 +320,7 @@ class Engine:
             latents,
             [r.guidance_scale for r in requests for _ in range(r.num_images)],
             [g for per_request in generators for g in per_request],
-            step,
+            on_step,
             planned=self.accel.planned_step,
             prune=prune,
         )
@@ -520,10 +519,6 @@ def _rows(embeds: list[torch.Tensor], sizes: list[int]) -> torch.Tensor:
     if len(embeds) == 1:
         return embeds[0]  # the sampler expands it without a copy
     return torch.cat([e.expand(n, -1, -1) for e, n in zip(embeds, sizes, strict=True)])
-
-
-def _ignore_step(index: int, timestep: torch.Tensor) -> None:
-    """No step callback."""
 
 
 def _inference(fn: Callable[..., Any]) -> Callable[..., Any]:
