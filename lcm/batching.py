@@ -2,9 +2,10 @@
 
 Requests queue here in arrival order. Whenever the engine is free it takes the oldest one and,
 after it, every queued request whose tensors fit the same passes (same size, timesteps, image
-to image or not, decoder and prompt-embedding length), while the batch's images x pixels stay
-within the device's budget. A request never waits for more than the batch already running: the
-engine takes what is queued when it starts, and a later arrival waits for the next batch.
+to image or not, inpainting or not, decoder and prompt-embedding length), while the batch's
+images x pixels stay within the device's budget. A request never waits for more than the batch
+already running: the engine takes what is queued when it starts, and a later arrival waits for
+the next batch.
 """
 
 from __future__ import annotations
@@ -36,13 +37,24 @@ def shape_key(request: Request, windows: int) -> Hashable:
     """What must be equal for two requests to run in the same UNet passes and decoder calls.
 
     Size, steps and origin steps (hence timesteps), image to image with its strength (the
-    timesteps it keeps), the decoder, and the prompt's 77-token window count (the length of
+    timesteps it keeps), inpainting or not (a mask blends every step; each row keeps its own
+    mask and image latents), the decoder, and the prompt's 77-token window count (the length of
     the cross-attention's context). Prompts, seeds, guidance, clip skip, safety, format and
     quality are per request: they ride along as rows or are applied per request afterwards.
     """
     r = request
     strength = r.prompt_strength if r.image is not None else None
-    return (r.width, r.height, r.num_inference_steps, r.lcm_origin_steps, strength, r.fast_decode, windows)
+    inpaint = r.mask is not None
+    return (
+        r.width,
+        r.height,
+        r.num_inference_steps,
+        r.lcm_origin_steps,
+        strength,
+        inpaint,
+        r.fast_decode,
+        windows,
+    )
 
 
 class Queue:

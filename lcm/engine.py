@@ -18,7 +18,9 @@ from typing import Any, Callable, Optional
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from diffusers import AutoencoderTiny, LCMScheduler
+from diffusers.image_processor import VaeImageProcessor
 
 from lcm import accel, allocator, batching, compiling, images, prompts, safety, sampler
 from lcm.errors import InputError, LCMError
@@ -95,6 +97,13 @@ class Engine:
         self.dtype = dtype
         self.weights_dir = path
         self.vae_scale_factor = 2 ** (len(pipe.vae.config.block_out_channels) - 1)
+        # StableDiffusionInpaintPipeline's mask processor, except that it does not binarize: grey is kept.
+        self.mask_processor = VaeImageProcessor(
+            vae_scale_factor=self.vae_scale_factor,
+            do_normalize=False,
+            do_binarize=False,
+            do_convert_grayscale=True,
+        )
         self.thread = thread or EngineThread()
         self.compiled: list[compiling.CompiledForShapes] = []
         self.queue = batching.Queue()  # submitted requests, until a batch takes them
@@ -179,8 +188,8 @@ class Engine:
 
         The input `lcm_origin_steps` (the LCM authors' name, kept by this API) is what diffusers
         calls `original_inference_steps`: the length of the teacher's schedule, whose timesteps
-        the LCM steps are drawn from. With an input image, prompt_strength keeps only the lower
-        part of that schedule.
+        the LCM steps are drawn from. With an input image (masked or not), prompt_strength keeps
+        only the lower part of that schedule.
         """
         scheduler = LCMScheduler.from_config(self.pipe.scheduler.config)
         scheduler.set_timesteps(
@@ -216,22 +225,57 @@ class Engine:
         Draws from each image's generator in diffusers' order (VAE posterior, then noise), so
         each image matches diffusers' img2img pipeline run with that image's seed alone.
         """
-        pipe, n = self.pipe, request.num_images
         if request.image is None:
             shape = (
-                n,
-                pipe.unet.config.in_channels,
+                request.num_images,
+                self.pipe.unet.config.in_channels,
                 request.height // self.vae_scale_factor,
                 request.width // self.vae_scale_factor,
             )
             noise = sampler.initial_noise(generators, shape, self.device, self.dtype)
             return noise * scheduler.init_noise_sigma
+        clean, noise, _ = self._encode_image(request, generators)
+        return self._noised(clean, noise, scheduler)
+
+    def inpaint_start(
+        self, request: Request, scheduler: LCMScheduler, generators: list[torch.Generator]
+    ) -> tuple[torch.Tensor, sampler.Inpaint]:
+        """A masked request's start latents and what keeps its unmasked part, as diffusers' inpainting
+        pipeline (4-channel UNet) makes them.
+
+        At prompt_strength 1 it starts from pure noise, as that pipeline does. Each generator
+        then draws one more latent-sized sample, which the start discards: that pipeline encodes
+        the masked image with the same generator (for a 9-channel UNet's input), so the step
+        noise after it comes from the same place in the stream as there.
+        """
+        clean, noise, posterior = self._encode_image(request, generators)
+        for g in generators:
+            posterior.sample(generator=g)
+        if request.prompt_strength == 1.0:
+            start = noise * scheduler.init_noise_sigma
+        else:
+            start = self._noised(clean, noise, scheduler)
+        pixels = self.mask_processor.preprocess(request.mask, height=request.height, width=request.width)
+        latent_size = (request.height // self.vae_scale_factor, request.width // self.vae_scale_factor)
+        mask = F.interpolate(pixels, size=latent_size).to(device=self.device, dtype=self.dtype)
+        mask = mask.expand(request.num_images, -1, -1, -1)
+        return start, sampler.inpaint_targets(scheduler, clean, noise, mask)
+
+    def _encode_image(
+        self, request: Request, generators: list[torch.Generator]
+    ) -> tuple[torch.Tensor, torch.Tensor, Any]:
+        """The input image's scaled latents sampled per image, the start noise, and the VAE posterior."""
+        pipe = self.pipe
         pixels = pipe.image_processor.preprocess(request.image).to(device=self.device, dtype=pipe.vae.dtype)
         posterior = pipe.vae.encode(pixels).latent_dist  # encoded once, sampled per image
         clean = torch.cat([posterior.sample(generator=g) for g in generators]).to(self.dtype)
         clean = clean * pipe.vae.config.scaling_factor
         noise = sampler.initial_noise(generators, tuple(clean.shape), self.device, self.dtype)
-        noised = scheduler.add_noise(clean, noise, scheduler.timesteps[:1].repeat(n))
+        return clean, noise, posterior
+
+    @staticmethod
+    def _noised(clean: torch.Tensor, noise: torch.Tensor, scheduler: LCMScheduler) -> torch.Tensor:
+        noised = scheduler.add_noise(clean, noise, scheduler.timesteps[:1].repeat(clean.shape[0]))
         return noised.contiguous()  # the VAE's channels_last output would give the UNet other strides
 
     def generate(
@@ -302,7 +346,15 @@ class Engine:
         clock.lap("text")
         scheduler = self.scheduler(first)  # the same timesteps for all: they share a shape key
         generators = [sampler.generators_for(r.seeds) for r in requests]
-        starts = [self.start_latents(r, scheduler, g) for r, g in zip(requests, generators, strict=True)]
+        inpaint = None
+        if first.mask is not None:  # all or none of a batch: the shape key says
+            made = [self.inpaint_start(r, scheduler, g) for r, g in zip(requests, generators, strict=True)]
+            starts = [start for start, _ in made]
+            inpaint = sampler.Inpaint(
+                torch.cat([keep.mask for _, keep in made]), torch.cat([keep.kept for _, keep in made], dim=1)
+            )
+        else:
+            starts = [self.start_latents(r, scheduler, g) for r, g in zip(requests, generators, strict=True)]
         latents = torch.cat(starts) if len(starts) > 1 else starts[0]
         clock.lap("prepare")
 
@@ -323,6 +375,7 @@ class Engine:
             on_step,
             planned=self.accel.planned_step,
             prune=prune,
+            inpaint=inpaint,
         )
         kept = prune()  # flags set during the last step: decode nothing for them
         if kept is not None:
@@ -492,7 +545,7 @@ class Engine:
             r.lcm_origin_steps,
             generation.num_tokens,
             r.clip_skip,
-            f"img2img strength={r.prompt_strength:.2f}" if r.image is not None else "txt2img",
+            _mode(r),
             "taesd" if r.fast_decode else "vae",
             r.output_format,
             r.output_quality,
@@ -503,6 +556,13 @@ class Engine:
             _graphs(generation.eager),
             stages,
         )
+
+
+def _mode(r: Request) -> str:
+    """The log line's mode: text to image, image to image or inpainting, with the strength."""
+    if r.image is None:
+        return "txt2img"
+    return f"{'inpaint' if r.mask is not None else 'img2img'} strength={r.prompt_strength:.2f}"
 
 
 def _graphs(eager: Optional[list[str]]) -> str:

@@ -53,8 +53,10 @@ def decode(vae: AutoencoderKL | AutoencoderTiny, latents: torch.Tensor, chunk: i
     return np.concatenate(out)
 
 
-def load_input_image(path: str | os.PathLike) -> Image.Image:
+def load_input_image(path: str | os.PathLike, field: str = "image") -> Image.Image:
     """Read an uploaded image as upright 8-bit RGB, refusing anything that is not a sane image.
+
+    `field` is the input it came in (`image`, `mask`): errors name it.
 
     The size is checked from the header before any pixel is decoded, so a small file that
     claims to be huge (a decompression bomb) costs nothing. EXIF orientation is applied,
@@ -65,11 +67,11 @@ def load_input_image(path: str | os.PathLike) -> Image.Image:
     try:
         size = os.stat(path).st_size
     except OSError as exc:
-        raise InputError("image", name, f"{_ACCEPTED}; this file cannot be read ({exc.strerror})") from exc
+        raise InputError(field, name, f"{_ACCEPTED}; this file cannot be read ({exc.strerror})") from exc
     if size == 0:
-        raise InputError("image", name, f"{_ACCEPTED}; this file is empty")
+        raise InputError(field, name, f"{_ACCEPTED}; this file is empty")
     if size > MAX_INPUT_BYTES:
-        raise InputError("image", name, f"{_ACCEPTED}; this file is {size / 1_000_000:.1f} MB")
+        raise InputError(field, name, f"{_ACCEPTED}; this file is {size / 1_000_000:.1f} MB")
     try:
         # Our limit is below Pillow's warning threshold, so the check below refuses those images
         # with their real size; Pillow's DecompressionBombError (over twice its threshold) remains.
@@ -77,15 +79,15 @@ def load_input_image(path: str | os.PathLike) -> Image.Image:
             image = Image.open(path, formats=INPUT_FORMATS)
     except Image.DecompressionBombError as exc:
         over = Image.MAX_IMAGE_PIXELS * 2 // 1_000_000
-        raise InputError("image", name, f"{_ACCEPTED}; this one has over {over} megapixels") from exc
+        raise InputError(field, name, f"{_ACCEPTED}; this one has over {over} megapixels") from exc
     except Exception as exc:  # Pillow's identify step raises many types on odd input
         unknown = "this file is not an image in one of those formats"
-        raise InputError("image", name, f"{_ACCEPTED}; {unknown}") from exc
+        raise InputError(field, name, f"{_ACCEPTED}; {unknown}") from exc
     with image:
         width, height = image.size
         if width * height > MAX_INPUT_PIXELS:
             raise InputError(
-                "image",
+                field,
                 name,
                 f"{_ACCEPTED}; this one is {width}x{height} ({width * height / 1_000_000:.1f} megapixels)",
             )
@@ -95,7 +97,7 @@ def load_input_image(path: str | os.PathLike) -> Image.Image:
             raise
         except Exception as exc:  # truncated data, bad chunks, unsupported encodings: all the user's file
             damaged = "this file is damaged or cut short, or uses an encoding Pillow cannot read"
-            raise InputError("image", name, f"{_ACCEPTED}; {damaged}") from exc
+            raise InputError(field, name, f"{_ACCEPTED}; {damaged}") from exc
 
 
 def _upright_rgb(image: Image.Image) -> Image.Image:

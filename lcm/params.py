@@ -60,6 +60,7 @@ _SIDE = f"pixels; left out: {DEFAULT_SIZE}, or from the input image (README)"
 INPUTS: tuple[Spec, ...] = (
     Spec("prompt", DEFAULT_PROMPT, str, high=MAX_PROMPT_CHARS, help="text describing the image"),
     Spec("image", None, Path, optional=True, help="starting image: image to image instead of text to image"),
+    Spec("mask", None, Path, optional=True, help="inpainting, with an image: white is redrawn, black kept"),
     Spec("prompt_strength", 0.8, float, 0.0, 1.0, help="image to image only: how much is redrawn"),
     Spec("width", None, int, MIN_SIZE, MAX_SIZE, optional=True, multiple=SIZE_MULTIPLE, help=_SIDE),
     Spec("height", None, int, MIN_SIZE, MAX_SIZE, optional=True, multiple=SIZE_MULTIPLE, help=_SIDE),
@@ -163,8 +164,9 @@ class Request:
     """One validated request: everything that decides the output images and files.
 
     Its fields are the inputs' names, except that `image` is the fitted picture (its file's
-    hash in `image_sha256`) and the safety checker is named for what it does (`safety_checker`,
-    the negation of the input `disable_safety_checker`). Built only by `build`.
+    hash in `image_sha256`), `mask` the fitted mask in grey levels (its file's hash in
+    `mask_sha256`), and the safety checker is named for what it does (`safety_checker`, the
+    negation of the input `disable_safety_checker`). Built only by `build`.
     """
 
     prompt: str
@@ -177,6 +179,8 @@ class Request:
     seed: int
     image: Optional[Image.Image] = field(compare=False, repr=False)  # fitted to width x height
     image_sha256: Optional[str]
+    mask: Optional[Image.Image] = field(compare=False, repr=False)  # mode "L", fitted to width x height
+    mask_sha256: Optional[str]
     prompt_strength: float
     clip_skip: int
     output_format: str
@@ -208,7 +212,14 @@ class Request:
         if v["seed"] is None:
             v["seed"] = random_seed()
         image, fitted, digest = v.pop("image"), None, None
+        mask, fitted_mask, mask_digest = v.pop("mask"), None, None
         width, height, strength = v["width"], v["height"], v["prompt_strength"]
+        if mask is not None and image is None:
+            raise InputError(
+                "mask",
+                Path(mask).name,
+                "only together with image (it marks the parts of the image to redraw): send both",
+            )
         if image is None:
             if strength != DEFAULT_STRENGTH:
                 raise InputError(
@@ -220,6 +231,11 @@ class Request:
             digest = hashlib.sha256(Path(image).read_bytes()).hexdigest()
             width, height = output_size(loaded.size, width, height)
             fitted = images.fit_image(loaded, width, height)
+            if mask is not None:
+                # Read with the image's checks, fitted by the image's rule, then grey levels.
+                read = images.load_input_image(mask, field="mask")
+                mask_digest = hashlib.sha256(Path(mask).read_bytes()).hexdigest()
+                fitted_mask = images.fit_image(read, width, height).convert("L")
             origin = v["lcm_origin_steps"]
             used = int(origin * strength)
             if used < steps:
@@ -231,6 +247,7 @@ class Request:
                     f"step needs one of the lcm_origin_steps x prompt_strength = {used} timesteps left)",
                 )
         v.update(width=width, height=height, image=fitted, image_sha256=digest)
+        v.update(mask=fitted_mask, mask_sha256=mask_digest)
         v["safety_checker"] = not v.pop("disable_safety_checker")
         return cls(**v)
 
@@ -241,27 +258,39 @@ class Request:
 
     def metadata(self, seed: int) -> dict[str, Any]:
         """What a file needs to be regenerated alone: this request with one image and its own seed."""
-        skip = {"image", "num_images", "safety_checker"}
+        skip = {"image", "mask", "num_images", "safety_checker"}
         if self.image is None:
             skip |= {"prompt_strength", "image_sha256"}
+        if self.mask is None:  # left out, so files made without a mask keep their bytes
+            skip.add("mask_sha256")
         values = {f.name: getattr(self, f.name) for f in fields(self) if f.name not in skip}
         return {**values, "seed": seed, "model": lcm.MODEL_NAME, "version": lcm.__version__}
 
     @classmethod
-    def from_metadata(cls, meta: dict[str, Any], image: Optional[str | Path] = None) -> "Request":
-        """The one-image request a file's metadata describes; its input image must be the same file.
+    def from_metadata(
+        cls, meta: dict[str, Any], image: Optional[str | Path] = None, mask: Optional[str | Path] = None
+    ) -> "Request":
+        """The one-image request a file's metadata describes; its input image and mask must be the same files.
 
         The file holds the inputs under their own names (see `metadata`); the safety checker is
         not among them, so the regenerated request runs it by default.
         """
-        wanted = meta.get("image_sha256")
-        if wanted is not None:
-            if image is None:
-                raise InputError("image", None, f"the input image this file was made from (sha256 {wanted})")
-            found = hashlib.sha256(Path(image).read_bytes()).hexdigest()
-            if found != wanted:
-                raise InputError(
-                    "image", str(image), f"the input image with sha256 {wanted}; this one is {found}"
-                )
-        stored = {spec.name: meta[spec.name] for spec in INPUTS if spec.name in meta and spec.name != "image"}
-        return cls.build(**stored, image=image if wanted else None)
+        wanted = _same_file("image", "input image", image, meta.get("image_sha256"))
+        wanted_mask = _same_file("mask", "mask", mask, meta.get("mask_sha256"))
+        files = ("image", "mask")
+        stored = {
+            spec.name: meta[spec.name] for spec in INPUTS if spec.name in meta and spec.name not in files
+        }
+        return cls.build(**stored, image=image if wanted else None, mask=mask if wanted_mask else None)
+
+
+def _same_file(name: str, what: str, path: Optional[str | Path], wanted: Optional[str]) -> Optional[str]:
+    """`wanted` (a file's recorded sha256) when `path` has it; InputError naming `name` when it does not."""
+    if wanted is None:
+        return None
+    if path is None:
+        raise InputError(name, None, f"the {what} this file was made from (sha256 {wanted})")
+    found = hashlib.sha256(Path(path).read_bytes()).hexdigest()
+    if found != wanted:
+        raise InputError(name, str(path), f"the {what} with sha256 {wanted}; this one is {found}")
+    return wanted

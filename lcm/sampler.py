@@ -61,6 +61,33 @@ class StepPlan:
     noise: Optional[torch.Tensor]  # (steps - 1, N, C, H, W) on the device, None for one step
 
 
+@dataclass(frozen=True)
+class Inpaint:
+    """What keeps the unmasked part of an image: diffusers' inpainting method for a 4-channel UNet.
+
+    After step i the latents become (1 - mask) * kept[i] + mask * latents, as
+    StableDiffusionInpaintPipeline blends them: outside the mask (0) the input image's latents
+    noised to the next timestep, with the noise drawn at the start; after the last step the
+    clean image latents. Grey (between 0 and 1) mixes the two.
+    """
+
+    mask: torch.Tensor  # (N, 1, h, w) at the latents' size: 1 redraws, 0 keeps
+    kept: torch.Tensor  # (steps, N, C, h, w)
+
+
+def inpaint_targets(
+    scheduler: LCMScheduler, image_latents: torch.Tensor, noise: torch.Tensor, mask: torch.Tensor
+) -> Inpaint:
+    """The kept latents for every step, computed before the loop with diffusers' own add_noise calls.
+
+    Each is what the inpainting pipeline computes inside its loop (add_noise at timestep i + 1),
+    so both step paths blend the same values and neither waits for the device mid-loop.
+    """
+    ts = scheduler.timesteps
+    kept = [scheduler.add_noise(image_latents, noise, ts[i + 1 : i + 2]) for i in range(len(ts) - 1)]
+    return Inpaint(mask=mask, kept=torch.stack([*kept, image_latents]))
+
+
 def planned_step_supported(scheduler: LCMScheduler) -> bool:
     """The plan covers epsilon prediction without thresholding or clipping: this checkpoint's config."""
     config = scheduler.config
@@ -116,6 +143,7 @@ def sample(
     on_step: Optional[Callable[[int, torch.Tensor], None]] = None,
     planned: bool = True,
     prune: Optional[Callable[[], Optional[Sequence[int]]]] = None,
+    inpaint: Optional[Inpaint] = None,
 ) -> torch.Tensor:
     """Run the scheduler's timesteps from `latents`; return the final denoised latents.
 
@@ -126,6 +154,8 @@ def sample(
     diffusers' `scheduler.step` runs each step. `prune()`, asked before each step, may name the
     rows (indices into the rows still running) that go on; the others leave the batch, and the
     result holds only the rows that stayed. Each row's arithmetic and noise are its own either way.
+    With `inpaint`, each step's latents are blended with the kept image latents, and the result
+    is the last step's blend (the last LCM step's sample is its denoised estimate).
     """
     batch = latents.shape[0]
     w_embedding = guidance_embedding(guidance_scale, batch, unet.config.time_cond_proj_dim).to(
@@ -146,6 +176,8 @@ def sample(
             prompt_embeds = prompt_embeds.index_select(0, rows)
             w_embedding = w_embedding.index_select(0, rows)
             noise = noise.index_select(1, rows) if noise is not None else None
+            if inpaint is not None:
+                inpaint = Inpaint(inpaint.mask.index_select(0, rows), inpaint.kept.index_select(1, rows))
             generators = [generators[k] for k in kept]
             if not kept:
                 return denoised
@@ -165,6 +197,8 @@ def sample(
             denoised = original * plan.c_out[i] + latents * plan.c_skip[i]
             last = i == len(plan.c_out) - 1
             latents = denoised if last else denoised * plan.keep[i] + noise[i] * plan.fresh[i]
+        if inpaint is not None:
+            latents = (1 - inpaint.mask) * inpaint.kept[i] + inpaint.mask * latents
         if on_step is not None:
             on_step(i, t)
-    return denoised
+    return latents if inpaint is not None else denoised
