@@ -53,6 +53,7 @@ def _parser() -> argparse.ArgumentParser:
     rep.add_argument("file", type=Path, help="a PNG, WebP or JPEG written by this project")
     _engine_options(rep)
     rep.add_argument("--image", type=Path, default=None, help="the input image, for an image-to-image file")
+    rep.add_argument("--mask", type=Path, default=None, help="the mask, for an inpainting file")
     return parser
 
 
@@ -60,7 +61,7 @@ def _request(args: argparse.Namespace) -> params.Request:
     if args.command == "reproduce":
         from lcm.metadata import read_metadata
 
-        return params.Request.from_metadata(read_metadata(args.file), image=args.image)
+        return params.Request.from_metadata(read_metadata(args.file), image=args.image, mask=args.mask)
     return params.Request.build(**{spec.name: getattr(args, spec.name) for spec in params.INPUTS})
 
 
