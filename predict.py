@@ -63,8 +63,12 @@ class Predictor(BasePredictor):
             description="Starting image for image-to-image (PNG, JPEG, WebP, GIF, BMP or TIFF, at most 50 megapixels and 50 MB). Empty: text-to-image.",
             default=None,
         ),
+        mask: Optional[Path] = Input(
+            description="Inpainting mask, only with an image: white is redrawn, black kept, grey mixes the two (same formats and limits as image; fitted to the output size as the image is). Empty: plain image-to-image.",
+            default=None,
+        ),
         prompt_strength: float = Input(
-            description="Image-to-image only: how much of the image is redrawn, 0 to 1 (1: nearly all). Default 0.8. Needs lcm_origin_steps x prompt_strength >= num_inference_steps.",
+            description="With an image only: how much of the image (with a mask: of its white part) is redrawn, 0 to 1 (1: nearly all; with a mask, all). Default 0.8. Needs lcm_origin_steps x prompt_strength >= num_inference_steps.",
             default=0.8,
             ge=0.0,
             le=1.0,
@@ -149,7 +153,8 @@ class Predictor(BasePredictor):
         output_dir = tempfile.mkdtemp(prefix="lcm-")
         job = None
         try:
-            take_download(image)
+            take_download(image, "image")
+            take_download(mask, "mask")
             request = Request.build(**inputs)
             job = self.engine.submit(request, output_dir)
             served = await job.outcome()
@@ -187,18 +192,18 @@ def keep_outputs_seconds() -> float:
     return seconds
 
 
-def take_download(image: object) -> None:
-    """Refuse any image but a file Cog downloaded from an http(s) or data: URL, and only once.
+def take_download(path: object, field: str) -> None:
+    """Refuse any file input but one Cog downloaded from an http(s) or data: URL, and only once.
 
     Cog hands any other string on as a path, which would let a caller read files on the server,
     another request's upload among them. Each download is taken off the record by the prediction
     it was made for, so no other prediction (concurrent or later) can name it.
     """
-    if image is None:
+    if path is None:
         return
     try:
-        _DOWNLOADED.remove(os.fspath(image))
+        _DOWNLOADED.remove(os.fspath(path))
     except KeyError:
         raise InputError(
-            "image", str(image), "an http(s) or data: URL; paths on the server are not accepted"
+            field, str(path), "an http(s) or data: URL; paths on the server are not accepted"
         ) from None

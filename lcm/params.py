@@ -61,7 +61,7 @@ INPUTS: tuple[Spec, ...] = (
     Spec("prompt", DEFAULT_PROMPT, str, high=MAX_PROMPT_CHARS, help="text describing the image"),
     Spec("image", None, Path, optional=True, help="starting image: image to image instead of text to image"),
     Spec("mask", None, Path, optional=True, help="inpainting, with an image: white is redrawn, black kept"),
-    Spec("prompt_strength", 0.8, float, 0.0, 1.0, help="image to image only: how much is redrawn"),
+    Spec("prompt_strength", 0.8, float, 0.0, 1.0, help="with an image only: how much is redrawn"),
     Spec("width", None, int, MIN_SIZE, MAX_SIZE, optional=True, multiple=SIZE_MULTIPLE, help=_SIDE),
     Spec("height", None, int, MIN_SIZE, MAX_SIZE, optional=True, multiple=SIZE_MULTIPLE, help=_SIDE),
     Spec("num_images", 1, int, 1, MAX_IMAGES, help="image i uses seed + i (after the largest seed, 0)"),

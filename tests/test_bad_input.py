@@ -347,6 +347,44 @@ CASES = [
     pytest.param(image_input("just words"), failed("image", "http(s) or data: URL"), id="image-not-a-url"),
     # A path on the server is refused the same way, so no caller can read server files into img2img.
     pytest.param(image_input("/etc/passwd"), failed("image", "not accepted"), id="image-server-path"),
+    # --- inpainting masks: read with the image's checks, errors naming mask --------------------------
+    # A mask without the image it masks would silently do nothing: refused naming both.
+    pytest.param(
+        {**BASE, "mask": data_url(VALID_PNG)},
+        failed("mask", "only together with image"),
+        id="mask-without-image",
+    ),
+    pytest.param(
+        image_input(data_url(VALID_PNG), mask=data_url(b"just some text\n", "text/plain")),
+        failed("mask", "not an image"),
+        id="mask-text",
+    ),
+    pytest.param(
+        image_input(data_url(VALID_PNG), mask="data:image/png;base64,"),
+        failed("mask", "empty"),
+        id="mask-empty",
+    ),
+    pytest.param(
+        image_input(data_url(VALID_PNG), mask=data_url(png_header_only(20000, 20000))),
+        failed("mask", "megapixels"),
+        id="mask-bomb-20000",
+    ),
+    # A path on the server is refused as for image: take_download checks every file input.
+    pytest.param(
+        image_input(data_url(VALID_PNG), mask="/etc/passwd"),
+        failed("mask", "not accepted"),
+        id="mask-server-path",
+    ),
+    # Another size and aspect than the image, with transparency: fitted as the image is, the
+    # transparent part flattened onto white (redrawn); the output keeps the image's size.
+    pytest.param(
+        image_input(
+            data_url(encoded(noise(320, 160, "RGBA"), "PNG")),
+            mask=data_url(encoded(noise(96, 96, "LA"), "PNG")),
+        ),
+        ok((512, 256)),
+        id="mask-other-size-with-alpha",
+    ),
 ]
 
 

@@ -39,8 +39,19 @@ def _photo() -> bytes:
     return out.getvalue()
 
 
+def _mask() -> bytes:
+    """A black 320x256 mask with a white rectangle: inpainting's mask for PHOTO."""
+    pixels = np.zeros((256, 320), dtype=np.uint8)
+    pixels[64:192, 96:224] = 255
+    out = io.BytesIO()
+    Image.fromarray(pixels).save(out, format="PNG")
+    return out.getvalue()
+
+
 PHOTO = _photo()
 PHOTO_URL = "data:image/png;base64," + base64.b64encode(PHOTO).decode()
+MASK = _mask()
+MASK_URL = "data:image/png;base64," + base64.b64encode(MASK).decode()
 
 
 @dataclass(frozen=True)
@@ -65,6 +76,12 @@ class Row:
 ROWS: dict[str, Row] = {
     "prompt": Row("a red fox on a hill", None),  # not logged: a prompt is the user's, not the operator's
     "image": Row(PHOTO_URL, "mode=img2img", recorded=("image_sha256", hashlib.sha256(PHOTO).hexdigest())),
+    "mask": Row(
+        MASK_URL,
+        "mode=inpaint",
+        with_={"image": PHOTO_URL},
+        recorded=("mask_sha256", hashlib.sha256(MASK).hexdigest()),
+    ),
     "prompt_strength": Row(0.5, "strength=0.50", with_={"image": PHOTO_URL}),
     "width": Row(320, "size=320x256"),
     "height": Row(320, "size=256x320"),
