@@ -12,6 +12,7 @@ from lcm.cli import main as cli_main
 
 ARGS = dict(
     image=None,
+    mask=None,
     prompt_strength=0.8,
     clip_skip=0,
     output_format="png",
