@@ -66,6 +66,13 @@ def parser() -> argparse.ArgumentParser:
         help="ours decodes with TAESD (predict's fast_decode); the reference keeps the full VAE",
     )
     p.add_argument(
+        "--mode",
+        choices=("txt2img", "inpaint"),
+        default="txt2img",
+        help="txt2img (default), or inpaint: a photo-like input and a mask over its centre quarter, "
+        "prompt_strength 1, against diffusers' StableDiffusionInpaintPipeline on the same components",
+    )
+    p.add_argument(
         "--clients",
         type=_positive,
         default=None,

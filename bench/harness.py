@@ -11,8 +11,10 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import base64
 import functools
 import inspect
+import io
 import os
 import shlex
 import shutil
@@ -25,9 +27,11 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Optional, Protocol, Sequence
 
+import numpy as np
 import torch
-from diffusers import LatentConsistencyModelPipeline
+from diffusers import LatentConsistencyModelPipeline, StableDiffusionInpaintPipeline
 from diffusers.utils import logging as diffusers_logging
+from PIL import Image
 from transformers.utils import logging as transformers_logging
 
 import predict
@@ -42,6 +46,25 @@ from lcm.weights import WEIGHTS_ENV, check_weights
 
 GUIDANCE_SCALE = SPECS["guidance_scale"].default
 ORIGIN_STEPS = SPECS["lcm_origin_steps"].default
+# Inpainting at strength 1: the one strength at which diffusers' pipeline and ours take the same
+# timesteps at every step count (README, "Inpainting"), so both make the same images.
+INPAINT_STRENGTH = 1.0
+
+
+def inpaint_inputs(size: int) -> tuple[Image.Image, Image.Image]:
+    """The inpaint mode's input image (a noisy colour gradient) and mask (white over the centre quarter)."""
+    y, x = np.mgrid[0:size, 0:size]
+    noise = np.random.default_rng(0).integers(0, 40, (size, size, 3))
+    photo = np.stack([x, y, (x + y) // 2], axis=-1) * 255 // (2 * size) + noise
+    mask = np.zeros((size, size), dtype=np.uint8)
+    mask[size // 4 : size * 3 // 4, size // 4 : size * 3 // 4] = 255
+    return Image.fromarray(np.clip(photo, 0, 255).astype(np.uint8)), Image.fromarray(mask)
+
+
+def _data_url(image: Image.Image) -> str:
+    out = io.BytesIO()
+    image.save(out, format="PNG")
+    return "data:image/png;base64," + base64.b64encode(out.getvalue()).decode()
 
 
 class Recorder:
@@ -149,11 +172,18 @@ class Ours:
 
         engine.generate_batch = observed
         self.kwargs = predict_inputs(self.settings)
+        if self.settings.mode == "inpaint":
+            image, mask = inpaint_inputs(self.settings.size)
+            self.urls = {"image": _data_url(image), "mask": _data_url(mask)}
 
     def enter(self) -> None:
-        """The allocator as the service leaves it: the reference's turn may have reset it."""
+        """The allocator as the service leaves it: the reference's turn may have reset it. Inpainting's
+        files are downloaded here, off the clock, as Cog downloads them before predict() runs."""
         if self.predictor.engine.accel.hold_memory:
             allocator.hold_freed_memory(True)
+        if self.settings.mode == "inpaint":
+            for name, url in self.urls.items():
+                self.kwargs[name] = predict.cog.types.Path.validate(url).convert()
 
     def run(self) -> Output:
         asyncio.run(self.predictor.predict(**self.kwargs))  # a coroutine, as Cog's event loop runs it
@@ -199,11 +229,15 @@ def predict_inputs(settings: Settings) -> dict[str, Any]:
         "lcm_origin_steps": ORIGIN_STEPS,
         "seed": settings.seed,
         "fast_decode": settings.fast_decode,
+        **({"prompt_strength": INPAINT_STRENGTH} if settings.mode == "inpaint" else {}),
     }
 
 
 class Reference:
-    """diffusers' pipeline at its defaults for the device: fp16 + SDPA on CUDA, fp32 on CPU, checker on."""
+    """diffusers' pipeline at its defaults for the device: fp16 + SDPA on CUDA, fp32 on CPU, checker on.
+
+    In the inpaint mode, StableDiffusionInpaintPipeline made from that pipeline's components.
+    """
 
     name = "reference: diffusers"
     speed = "diffusers' defaults"
@@ -219,6 +253,10 @@ class Reference:
         pipe = LatentConsistencyModelPipeline.from_pretrained(
             self.settings.weights, local_files_only=True, use_safetensors=True, dtype=dtype
         ).to(self.settings.device)
+        if self.settings.mode == "inpaint":
+            pipe = StableDiffusionInpaintPipeline.from_pipe(pipe)
+            self.recorder.wrap(pipe.vae, "encode", "prepare")  # the image, and the masked image
+            self.inpaint = inpaint_inputs(self.settings.size)
         pipe.set_progress_bar_config(disable=True)
         self.dtype = str(pipe.dtype).removeprefix("torch.")
         self.safety_checker = (
@@ -240,13 +278,18 @@ class Reference:
 
     def run(self) -> Output:
         s = self.settings
+        if s.mode == "inpaint":  # its scheduler's config holds the origin steps (50)
+            image, mask = self.inpaint
+            mode: dict[str, Any] = {"image": image, "mask_image": mask, "strength": INPAINT_STRENGTH}
+        else:
+            mode = {"original_inference_steps": ORIGIN_STEPS}
         result = self.pipe(
             s.prompt,
             height=s.size,
             width=s.size,
             num_inference_steps=s.steps,
-            original_inference_steps=ORIGIN_STEPS,
             guidance_scale=GUIDANCE_SCALE,
+            **mode,
             num_images_per_prompt=s.batch,
             generator=[torch.Generator("cpu").manual_seed(seed) for seed in s.seeds],
             output_type="pil",
@@ -382,6 +425,7 @@ def resolve(args: argparse.Namespace) -> Settings:
         runs,
         args.warmup,
         fast_decode=args.fast_decode,
+        mode=args.mode,
     )
 
 

@@ -74,8 +74,8 @@ def describe(settings: Settings) -> list[str]:
     return [
         f"device: {s.device} — {device_name(s.device)}",
         f"versions: {versions()}; commit {commit()}",
-        f"request: {s.size}x{s.size}, {s.steps} steps, batch {s.batch}, guidance 8.0, seed {s.seed}, "
-        f"prompt {s.prompt!r}",
+        f"request: {s.mode}, {s.size}x{s.size}, {s.steps} steps, batch {s.batch}, guidance 8.0, "
+        f"seed {s.seed}, prompt {s.prompt!r}",
         f"runs: {s.warmup} warm-up + {s.runs} timed rounds (one run of each method per round); "
         f"weights {s.weights}; OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY', 'unset')}",
         "load average at the end (1, 5, 15 min): "

@@ -31,6 +31,7 @@ class Settings:
     prompt: str = DEFAULT_PROMPT
     seed: int = SEED
     fast_decode: bool = False  # ours decodes with TAESD; the reference keeps its full VAE
+    mode: str = "txt2img"  # or "inpaint": an input image and mask (MODES)
 
     @property
     def seeds(self) -> list[int]:

@@ -75,3 +75,20 @@ def test_serving_mode_drives_the_real_server_and_ends_with_its_speedup_line(tiny
     assert rows["1"] == "1: 6", out  # one client: every request alone
     formed = dict(pair.split(": ") for pair in rows["3"].split(", "))
     assert sum(map(int, formed.values())) == 6 and any(int(size) > 1 for size in formed), out
+
+
+def test_bench_times_inpainting_against_diffusers_inpainting_pipeline(tiny_checkpoint):
+    out = subprocess.run(
+        [sys.executable, "-m", "bench", "--device", "cpu", "--size", "256", "--steps", "2", "--runs", "1"]
+        + ["--warmup", "0", "--weights", str(tiny_checkpoint), "--mode", "inpaint"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=True,
+    ).stdout
+    assert "request: inpaint, 256x256" in out
+    # At strength 1 both take the same timesteps: predict() equals StableDiffusionInpaintPipeline.
+    difference = re.search(r"max pixel difference, ours vs reference\W+(\d+)/255", out)
+    assert difference is not None and int(difference.group(1)) <= 1, out
+    assert re.fullmatch(r"speedup_vs_reference=\d+\.\d+", out.strip().splitlines()[-1])
