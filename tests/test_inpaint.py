@@ -285,3 +285,32 @@ def test_inpainting_batches_only_with_inpainting_and_rows_keep_their_masks(engin
     together = engine.thread.call(engine.generate_batch, [square, grey], [CancelFlag(), CancelFlag()])
     for request, generation in zip([square, grey], together, strict=True):
         assert max_diff(generation.pixels[0], engine.generate(request).pixels[0]) <= 1
+
+
+def test_a_row_leaving_the_batch_takes_its_mask_and_image_latents_with_it(engine, files):
+    """The sampler's prune drops a cancelled row's mask and kept latents with it: the row that stays
+    blends with its own, and ends as it would alone."""
+    square, grey = inpaint(files), inpaint(files, mask=files["grey"], seed=8)
+    embeds = prompts.encode_prompt(
+        engine.pipe.tokenizer, engine.pipe.text_encoder, square.prompt, engine.device
+    )
+
+    def run(requests: list[Request], prune=None) -> torch.Tensor:
+        scheduler = engine.scheduler(requests[0])
+        generators = [sampler.generators_for(r.seeds) for r in requests]
+        made = [engine.inpaint_start(r, scheduler, g) for r, g in zip(requests, generators, strict=True)]
+        keep = sampler.Inpaint(
+            torch.cat([k.mask for _, k in made]), torch.cat([k.kept for _, k in made], dim=1)
+        )
+        start = torch.cat([s for s, _ in made])
+        gens = [g for per in generators for g in per]
+        return sampler.sample(
+            engine.pipe.unet, scheduler, embeds.embeds, start, 8.0, gens, prune=prune, inpaint=keep
+        )
+
+    asked = []
+    with torch.inference_mode():
+        left = run([square, grey], prune=lambda: asked.append(1) or ([1] if len(asked) == 2 else None))
+        alone = run([grey])
+    assert left.shape[0] == 1
+    torch.testing.assert_close(left, alone, rtol=1e-4, atol=1e-4)
