@@ -313,4 +313,8 @@ def test_a_row_leaving_the_batch_takes_its_mask_and_image_latents_with_it(engine
         left = run([square, grey], prune=lambda: asked.append(1) or ([1] if len(asked) == 2 else None))
         alone = run([grey])
     assert left.shape[0] == 1
-    torch.testing.assert_close(left, alone, rtol=1e-4, atol=1e-4)
+    # Rows of a batched convolution round differently from a lone one: compared as the project
+    # compares batch items with lone ones, in decoded pixels within 1/255.
+    with torch.inference_mode():
+        pixels = [images.decode(engine.pipe.vae, x, 1)[0] for x in (left, alone)]
+    assert max_diff(*pixels) <= 1
