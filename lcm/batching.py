@@ -38,9 +38,10 @@ def shape_key(request: Request, windows: int) -> Hashable:
 
     Size, steps and origin steps (hence timesteps), image to image with its strength (the
     timesteps it keeps), inpainting or not (a mask blends every step; each row keeps its own
-    mask and image latents), the decoder, and the prompt's 77-token window count (the length of
-    the cross-attention's context). Prompts, seeds, guidance, clip skip, safety, format and
-    quality are per request: they ride along as rows or are applied per request afterwards.
+    mask and image latents), the decoder, the prompt's 77-token window count (the length of the
+    cross-attention's context) and the LoRA's scale (one per UNet pass). Prompts, seeds,
+    guidance, clip skip, safety, format and quality are per request: they ride along as rows or
+    are applied per request afterwards.
     """
     r = request
     strength = r.prompt_strength if r.image is not None else None
@@ -54,6 +55,7 @@ def shape_key(request: Request, windows: int) -> Hashable:
         inpaint,
         r.fast_decode,
         windows,
+        r.lora_scale,
     )
 
 

@@ -22,10 +22,10 @@ import torch.nn.functional as F
 from diffusers import AutoencoderTiny, LCMScheduler
 from diffusers.image_processor import VaeImageProcessor
 
-from lcm import accel, allocator, batching, compiling, images, prompts, safety, sampler
+from lcm import accel, allocator, batching, compiling, images, lora, prompts, safety, sampler
 from lcm.errors import InputError, LCMError
 from lcm.loading import default_dtype, load_pipeline, load_taesd, pick_device
-from lcm.params import Request
+from lcm.params import SPECS, Request
 from lcm.weights import weights_dir
 from lcm.worker import CancelFlag, Cancelled, EngineThread, Job
 
@@ -107,12 +107,19 @@ class Engine:
         self.thread = thread or EngineThread()
         self.compiled: list[compiling.CompiledForShapes] = []
         self.queue = batching.Queue()  # submitted requests, until a batch takes them
+        self.lora: Optional[lora.LoadedLora] = None  # trained weights on the UNet (load's `lora`)
         # The same configuration however the engine was made, applied on its thread.
         self.thread.call(accel.apply, pipe, taesd, self.accel)
 
     @classmethod
-    def load(cls, path: str | os.PathLike | None = None, device: str | None = None) -> "Engine":
-        """Load from a local weights directory (default: LCM_WEIGHTS_DIR, else weights/).
+    def load(
+        cls,
+        path: str | os.PathLike | None = None,
+        device: str | None = None,
+        lora_path: str | os.PathLike | None = None,
+    ) -> "Engine":
+        """Load from a local weights directory (default: LCM_WEIGHTS_DIR, else weights/), with the
+        trained LoRA at `lora_path` (a local .safetensors, see lcm.lora.fetch) on the UNet if given.
 
         Loading, and everything after, runs on the engine's own new thread.
         """
@@ -121,13 +128,19 @@ class Engine:
             allocator.hold_freed_memory(True)
         thread = EngineThread()
         try:
-            return thread.call(cls._load, path, dev, thread)
+            return thread.call(cls._load, path, dev, thread, lora_path)
         except BaseException:
             thread.stop()
             raise
 
     @classmethod
-    def _load(cls, path: str | os.PathLike | None, dev: torch.device, thread: EngineThread) -> "Engine":
+    def _load(
+        cls,
+        path: str | os.PathLike | None,
+        dev: torch.device,
+        thread: EngineThread,
+        lora_path: str | os.PathLike | None = None,
+    ) -> "Engine":
         start = time.perf_counter()
         resolved = weights_dir(path)
         dtype = default_dtype(dev)
@@ -137,7 +150,17 @@ class Engine:
             if isinstance(module, torch.nn.Module):
                 module.requires_grad_(False)
         settings = accel.Accel.from_env(dev, dtype, pipe.vae.config)
+        trained = None
+        if lora_path is not None:
+            if settings.fuse_qkv or settings.compile:
+                # Fused projections would bypass the LoRA on to_q/to_k/to_v; a compiled UNet would
+                # recompile for every lora_scale: neither is done with a LoRA.
+                raise LCMError(
+                    "trained weights (a LoRA) are served without LCM_FUSE_QKV and LCM_COMPILE: unset them"
+                )
+            trained = lora.attach(pipe, lora_path)
         engine = cls(pipe, dev, dtype, resolved, taesd, settings, thread)
+        engine.lora = trained
         loaded = time.perf_counter() - start
         if settings.compile:
             log.info("compile cache: %s", compiling.load_cache(resolved, dev))
@@ -206,6 +229,12 @@ class Engine:
         if request.clip_skip >= layers:
             raise InputError(
                 "clip_skip", request.clip_skip, f"an integer from 0 to {layers - 1} for this model"
+            )
+        if self.lora is None and request.lora_scale != SPECS["lora_scale"].default:
+            raise InputError(
+                "lora_scale",
+                request.lora_scale,
+                "only with trained weights loaded (setup's weights, COG_WEIGHTS or --lora); none are",
             )
         if request.fast_decode and self.taesd is None:
             raise LCMError(
@@ -345,6 +374,8 @@ class Engine:
         ]
         clock.lap("text")
         scheduler = self.scheduler(first)  # the same timesteps for all: they share a shape key
+        if self.lora is not None:  # the same lora_scale for all: it is in the shape key
+            self.lora = lora.set_scale(pipe, self.lora, first.lora_scale)
         generators = [sampler.generators_for(r.seeds) for r in requests]
         inpaint = None
         if first.mask is not None:  # all or none of a batch: the shape key says
@@ -504,7 +535,7 @@ class Engine:
             cancel.check()
             stem = out_dir / f"lcm-{seed}"
             path = images.save_image(
-                pixels, stem, request.output_format, request.output_quality, request.metadata(seed)
+                pixels, stem, request.output_format, request.output_quality, self.file_metadata(request, seed)
             )
             written.append(path)
             return path
@@ -527,6 +558,13 @@ class Engine:
             )
         return Served(paths, summary)
 
+    def file_metadata(self, request: Request, seed: int) -> dict[str, Any]:
+        """The request's metadata, and the LoRA's sha256 when one is loaded (reproduce needs it again)."""
+        meta = request.metadata(seed)
+        if self.lora is not None:
+            meta["lora_sha256"] = self.lora.sha256
+        return meta
+
     def summary(self, generation: Generation) -> str:
         """One line an operator can act on: seed, size, steps, batch, device, dtype, time per stage."""
         r = generation.request
@@ -534,7 +572,7 @@ class Engine:
         return (
             "seed=%d images=%d size=%dx%d steps=%d guidance=%.2f origin_steps=%d tokens=%d clip_skip=%d "
             "mode=%s decoder=%s format=%s quality=%d flagged=%s batch=%drequests/%dimages device=%s "
-            "dtype=%s%s %s"
+            "dtype=%s%s%s %s"
         ) % (
             r.seed,
             r.num_images,
@@ -554,6 +592,7 @@ class Engine:
             self.device,
             str(self.dtype).removeprefix("torch."),
             _graphs(generation.eager),
+            f" lora={self.lora.sha256[:12]}x{r.lora_scale:.2f}" if self.lora is not None else "",
             stages,
         )
 

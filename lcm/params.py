@@ -32,6 +32,7 @@ MAX_GUIDANCE = 20.0
 MAX_ORIGIN_STEPS = 1000  # the scheduler's num_train_timesteps
 MAX_SEED = 2**32 - 1
 MAX_PROMPT_CHARS = 5000  # a cheap bound before tokenizing; the real limit is prompts.MAX_WINDOWS
+MAX_LORA_SCALE = 1.5
 MAX_CLIP_SKIP = 11  # the real text encoder has 12 layers; the engine checks the loaded one
 OUTPUT_FORMATS = tuple(images.EXTENSIONS)
 DEFAULT_PROMPT = "Self-portrait oil painting, a beautiful cyborg with golden hair, 8k"
@@ -74,6 +75,7 @@ INPUTS: tuple[Spec, ...] = (
     Spec("output_quality", 90, int, 1, 100, help="webp and jpg quality"),
     Spec("fast_decode", False, bool, help="decode with TAESD: faster, less fine detail"),
     Spec("disable_safety_checker", False, bool, help="skip the safety checker"),
+    Spec("lora_scale", 1.0, float, 0.0, MAX_LORA_SCALE, help="strength of the trained LoRA (setup weights)"),
 )
 SPECS = {spec.name: spec for spec in INPUTS}
 _OMITTED = object()
@@ -187,6 +189,7 @@ class Request:
     output_quality: int
     safety_checker: bool
     fast_decode: bool
+    lora_scale: float
 
     @classmethod
     def build(cls, prompt: Any = _OMITTED, **inputs: Any) -> "Request":
@@ -263,6 +266,8 @@ class Request:
             skip |= {"prompt_strength", "image_sha256"}
         if self.mask is None:  # left out, so files made without a mask keep their bytes
             skip.add("mask_sha256")
+        if self.lora_scale == SPECS["lora_scale"].default:  # left out at its default: older files unchanged
+            skip.add("lora_scale")
         values = {f.name: getattr(self, f.name) for f in fields(self) if f.name not in skip}
         return {**values, "seed": seed, "model": lcm.MODEL_NAME, "version": lcm.__version__}
 
