@@ -13,6 +13,7 @@ from typing import Callable, List, Optional
 import cog.types
 from cog import BasePredictor, Input, Path
 
+from lcm import lora
 from lcm.engine import Engine
 from lcm.errors import InputError, LCMError
 from lcm.params import Request
@@ -46,12 +47,19 @@ if not getattr(cog.types.URLPath.convert, "records_downloads", False):
 
 
 class Predictor(BasePredictor):
-    def setup(self) -> None:
-        """Load the pipeline once from local weights (LCM_WEIGHTS_DIR, else weights/), never the network."""
+    def setup(self, weights: Optional[str] = None) -> None:
+        """Load the pipeline once from local weights (LCM_WEIGHTS_DIR, else weights/), never the network.
+
+        `weights` (COG_WEIGHTS; on Replicate, the URL of a training's output) is a trained LoRA:
+        the training's archive or its .safetensors, downloaded here if a URL, put on the UNet.
+        """
         logging.basicConfig(level=logging.INFO, format="%(message)s")
         self.returned: collections.deque[tuple[str, float]] = collections.deque()  # (folder, when)
         self.keep_outputs_s = keep_outputs_seconds()
-        self.engine = Engine.load()
+        lora_path = None
+        if weights:
+            lora_path = lora.fetch(str(weights), tempfile.mkdtemp(prefix="lcm-lora-"))
+        self.engine = Engine.load(lora_path=lora_path)
 
     async def predict(
         self,
@@ -139,6 +147,12 @@ class Predictor(BasePredictor):
         disable_safety_checker: bool = Input(
             description="Skip the safety checker. Default false: images it flags are left out of the output, and the prediction fails if it flags them all.",
             default=False,
+        ),
+        lora_scale: float = Input(
+            description="Strength of the trained LoRA this model was set up with (a fine-tuned version's weights): 0 (the base model) to 1.5. Default 1. Without trained weights only the default is allowed.",
+            default=1.0,
+            ge=0.0,
+            le=1.5,
         ),
     ) -> List[Path]:
         """Generate images and return them as files, each carrying its generation parameters.

@@ -48,7 +48,6 @@ from typing import Any, Callable, Iterator, Optional
 
 import torch
 from diffusers import LatentConsistencyModelPipeline, LCMScheduler, StableDiffusionPipeline
-from diffusers.utils import convert_state_dict_to_diffusers
 from peft import LoraConfig
 from peft.utils import get_peft_model_state_dict
 
@@ -516,7 +515,7 @@ def _save(
 ) -> TrainingResult:
     """The LoRA in diffusers' format (safetensors) and training.json, in one tar with fixed headers."""
     out_dir.mkdir(parents=True, exist_ok=True)
-    state = convert_state_dict_to_diffusers(get_peft_model_state_dict(pipe.unet))
+    state = get_peft_model_state_dict(pipe.unet)  # peft key names: load_lora_weights reads them as they are
     state = {name: tensor.detach().float().cpu().contiguous() for name, tensor in state.items()}
     StableDiffusionPipeline.save_lora_weights(
         out_dir, unet_lora_layers=state, weight_name=WEIGHTS_FILE, safe_serialization=True
