@@ -6,6 +6,8 @@ way and hand the returned archive to the new version's `Predictor.setup(weights=
 
 from __future__ import annotations
 
+import asyncio
+import contextvars
 import logging
 import shutil
 import tempfile
@@ -25,7 +27,7 @@ class TrainingOutput(BaseModel):
     weights: Path
 
 
-def train(
+async def train(
     input_images: Path = Input(
         description="A zip or tar (.tar, .tar.gz, .tar.bz2, .tar.xz) of PNG, JPEG or WebP images (each at most 50 megapixels and 50 MB; at most 1000 files, 1 GB unpacked). A .txt beside an image (same name) is its caption.",
     ),
@@ -92,21 +94,30 @@ def train(
 ) -> TrainingOutput:
     """Fine-tune a LoRA with latent consistency fine-tuning and return it as one tar archive.
 
-    The training runs on its own thread, so that Cog's cancellation (an exception injected into
-    this thread) lands while this one waits: it sets the training's flag, and the training stops
-    at the next step boundary before this returns.
+    A coroutine, as predict() is: the image's COG_MAX_CONCURRENCY (cog.yaml's concurrency) applies
+    to trainings too, and Cog refuses a sync function with more than one slot. The training runs
+    on its own thread; Cog cancels with asyncio.CancelledError at the await, which sets the
+    training's flag, and the training stops at its next step before this returns.
     """
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     inputs = {name: value for name, value in locals().items() if name != "input_images"}
     config = TrainingConfig.build(**inputs)
-    logging.getLogger("lcm").info("training seed=%d", config.seed)
+    log = logging.getLogger("lcm")
+    log.info("training seed=%d", config.seed)
+    # Cog files a log line with the training whose context writes it: the training thread's lines
+    # are written on this coroutine's loop, in its context.
+    loop, context = asyncio.get_running_loop(), contextvars.copy_context()
+
+    def report(line: str) -> None:
+        loop.call_soon_threadsafe(log.info, "%s", line, context=context)
+
     out_dir = Path(tempfile.mkdtemp(prefix="lcm-train-"))
     worker = EngineThread("lcm-train")
-    job = worker.submit(lambda flag: train_lora(input_images, out_dir, config, cancel=flag))
+    job = worker.submit(lambda flag: train_lora(input_images, out_dir, config, cancel=flag, report=report))
     try:
-        result = job.result()
+        result = await job.outcome()
     except BaseException:
-        job.cancel_and_wait()  # cancelled: the training stops at its next step; then its files go
+        await job.cancelled()  # the training stops at its next step; then its files go
         shutil.rmtree(out_dir, ignore_errors=True)
         raise
     finally:

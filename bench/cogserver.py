@@ -57,8 +57,12 @@ class CogServer:
         schema: Optional[Path],
         env: Optional[dict[str, str]] = None,
         predictor: Optional[str] = None,
+        train: bool = False,
     ) -> None:
-        """`predictor` is a Cog predictor ref ("path/to/file.py:Class"); default: predict.py:Predictor."""
+        """`predictor` is a Cog predictor ref ("path/to/file.py:Class"); default: predict.py:Predictor.
+
+        `train`: the server in train mode (`--x-mode train`), running train.py:train for POST /trainings.
+        """
         self.workdir = Path(tempfile.mkdtemp(prefix="cogserver-"))
         if schema is not None:
             (self.workdir / ".cog").mkdir()
@@ -76,9 +80,13 @@ class CogServer:
             "COG_MAX_CONCURRENCY": str(max_concurrency()),  # what cog build sets from cog.yaml
             **(env or {}),
         }
+        mode = []
+        if train:
+            full_env["COG_TRAIN_TYPE_STUB"] = f"{ROOT / 'train.py'}:train"
+            mode = ["--x-mode", "train"]
         with open(self.stderr_path, "wb") as err:
             self.proc = subprocess.Popen(
-                [sys.executable, "-m", "cog.server.http", "--host", "127.0.0.1"],
+                [sys.executable, "-m", "cog.server.http", "--host", "127.0.0.1", *mode],
                 cwd=self.workdir,
                 env=full_env,
                 stdout=subprocess.DEVNULL,

@@ -390,13 +390,15 @@ def train_lora(
     weights: str | os.PathLike | None = None,
     device: str | None = None,
     cancel: Optional[CancelFlag] = None,
+    report: Optional[Callable[[str], None]] = None,
 ) -> TrainingResult:
     """Read and check the archive, train the LoRA, write the weights archive into out_dir.
 
     Runs in the calling thread; a set `cancel` flag stops it between steps with worker.Cancelled.
-    Logs one line per step (step, loss, its moving average, steps/s).
+    Reports a line per step (step, loss, its moving average, steps/s) to `report`, else the log.
     """
     cancel = cancel or CancelFlag()
+    say = report or log.info
     examples = read_archive(archive, config.caption, config.resolution)
     dev = pick_device(device)
     path = weights_dir(weights)
@@ -405,18 +407,13 @@ def train_lora(
     for module in pipe.components.values():
         if isinstance(module, torch.nn.Module):
             module.requires_grad_(False)
-    log.info(
-        "training on %d image(s) at %dpx, %d steps, seed %d, on %s (%.1fs to load)",
-        len(examples),
-        config.resolution,
-        config.max_train_steps,
-        config.seed,
-        dev,
-        time.perf_counter() - start,
+    say(
+        f"training on {len(examples)} image(s) at {config.resolution}px, {config.max_train_steps} steps, "
+        f"seed {config.seed}, on {dev} ({time.perf_counter() - start:.1f}s to load)"
     )
     latents, embeds = _encode(pipe, examples, dev)
     cancel.check()
-    losses, speed = _train(pipe, latents, embeds, config, dev, cancel)
+    losses, speed = _train(pipe, latents, embeds, config, dev, cancel, say)
     return _save(pipe, examples, config, losses, speed, Path(out_dir))
 
 
@@ -446,6 +443,7 @@ def _train(
     config: TrainingConfig,
     dev: torch.device,
     cancel: CancelFlag,
+    say: Callable[[str], None],
 ) -> tuple[list[float], float]:
     """The loop: the loss of every step, and steps per second."""
     unet, scheduler = pipe.unet, LCMScheduler.from_config(pipe.scheduler.config)
@@ -493,13 +491,10 @@ def _train(
             losses.append(float(loss.detach()))
             window = losses[-20:]
             elapsed = time.perf_counter() - clock
-            log.info(
-                "step %d/%d loss=%.5f avg20=%.5f steps/s=%.3f",
-                step,
-                config.max_train_steps,
-                losses[-1],
-                sum(window) / len(window),
-                step / elapsed if elapsed else math.inf,
+            speed = step / elapsed if elapsed else math.inf
+            say(
+                f"step {step}/{config.max_train_steps} loss={losses[-1]:.5f} "
+                f"avg20={sum(window) / len(window):.5f} steps/s={speed:.3f}"
             )
     unet.eval()
     return losses, config.max_train_steps / (time.perf_counter() - clock)
