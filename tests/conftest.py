@@ -44,3 +44,36 @@ def server(tiny_checkpoint: Path, openapi_schema: Path):
         yield srv
     finally:
         srv.stop()
+
+
+@pytest.fixture(scope="session")
+def lora_weights(tiny_checkpoint: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A training's output archive: two steps on two flat images at 64 px, enough to move pixels."""
+    import io
+    import zipfile
+
+    from PIL import Image
+
+    from lcm.training import TrainingConfig, train_lora
+
+    folder = tmp_path_factory.mktemp("lora")
+    with zipfile.ZipFile(folder / "set.zip", "w") as zf:
+        for i, colour in enumerate([(230, 30, 30), (30, 30, 230)]):
+            out = io.BytesIO()
+            Image.new("RGB", (64, 64), colour).save(out, format="PNG")
+            zf.writestr(f"{i}.png", out.getvalue())
+    config = TrainingConfig.build(
+        any_resolution=True, caption="a photo", resolution=64, max_train_steps=2, learning_rate=1e-2, seed=0
+    )
+    return train_lora(folder / "set.zip", folder / "out", config, tiny_checkpoint, "cpu").archive
+
+
+@pytest.fixture(scope="session")
+def lora_server(tiny_checkpoint: Path, openapi_schema: Path, lora_weights: Path):
+    """Cog's server set up with trained weights (COG_WEIGHTS), as a fine-tuned version runs."""
+    srv = CogServer(tiny_checkpoint, openapi_schema, env={"COG_WEIGHTS": str(lora_weights)})
+    try:
+        srv.wait_until({"READY"})
+        yield srv
+    finally:
+        srv.stop()

@@ -200,6 +200,18 @@ CASES = [
     # The tiny checkpoint's text encoder has 4 layers, so clip_skip 11 passes the schema but not the model.
     pytest.param({**BASE, "clip_skip": 11}, failed("clip_skip", "0 to 3"), id="clip-skip-beyond-model"),
     pytest.param({**BASE, "clip_skip": 12}, refused("clip_skip", "maximum of 11"), id="clip-skip-12"),
+    # lora_scale: bounded by the schema; without trained weights only its default is allowed.
+    pytest.param(
+        {**BASE, "lora_scale": 1.6}, refused("lora_scale", "maximum of 1.5"), id="lora-scale-above-1.5"
+    ),
+    pytest.param(
+        {**BASE, "lora_scale": -0.1}, refused("lora_scale", "minimum of 0"), id="lora-scale-negative"
+    ),
+    pytest.param(
+        {**BASE, "lora_scale": 0.5},
+        failed("lora_scale", "only with trained weights"),
+        id="lora-scale-no-lora",
+    ),
     # --- prompts --------------------------------------------------------------------------------
     # Empty prompt: unconditional generation, valid.
     pytest.param({**BASE, "prompt": ""}, ok(), id="prompt-empty"),

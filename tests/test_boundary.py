@@ -62,7 +62,8 @@ class Row:
     it is not logged. `pixels`:
     how the first image compares with the default request's ("differ", "same", or "batch": within
     the 1/255 a batched convolution's rounding allows). `with_`: inputs both requests share
-    (the image, for strength). `recorded`: the file's metadata key and value, where not the
+    (the image, for strength). `server`: the fixture of the server both requests go to (the one
+    set up with trained weights, for lora_scale). `recorded`: the file's metadata key and value, where not the
     input's own name and value; None where the file does not record it, with the reason.
     """
 
@@ -71,6 +72,7 @@ class Row:
     pixels: str = "differ"
     with_: dict[str, Any] = field(default_factory=dict)
     recorded: Optional[tuple[str, Any]] = ("", None)
+    server: str = "server"
 
 
 ROWS: dict[str, Row] = {
@@ -99,6 +101,7 @@ ROWS: dict[str, Row] = {
     # Not in the file: a reproduced file runs the checker, as the default does.
     "disable_safety_checker": Row(True, "flagged=off", pixels="same", recorded=None),
     "fast_decode": Row(True, "decoder=taesd"),
+    "lora_scale": Row(0.5, "x0.50 ", server="lora_server"),
 }
 
 
@@ -149,9 +152,13 @@ def defaults(server, tmp_path_factory) -> Callable[[dict[str, Any]], Answer]:
 
 
 @pytest.mark.parametrize("name", list(ROWS))
-def test_each_input_reaches_the_file_the_log_and_the_pixels(server, defaults, tmp_path, name):
+def test_each_input_reaches_the_file_the_log_and_the_pixels(server, defaults, tmp_path, name, request):
     row = ROWS[name]
-    default = defaults(row.with_)
+    if row.server == "server":
+        default = defaults(row.with_)
+    else:
+        server = request.getfixturevalue(row.server)
+        default = predict(server, tmp_path / "default", **{**BASE, **row.with_})
     sent = predict(server, tmp_path / "sent", **{**BASE, **row.with_, name: row.value})
     if row.logged is not None:
         assert row.logged not in default.logs, default.logs
