@@ -3,19 +3,24 @@
 from __future__ import annotations
 
 import argparse
+import hashlib
 import logging
 import sys
+import tempfile
 from pathlib import Path
 from typing import Optional, Sequence
 
 from lcm import params
-from lcm.errors import LCMError
+from lcm.errors import InputError, LCMError
 
 
 def _engine_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", required=True, type=Path, help="directory for the files (created if absent)")
     parser.add_argument("--weights", type=Path, default=None, help="default: LCM_WEIGHTS_DIR, else weights/")
     parser.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: LCM_DEVICE, else CUDA)")
+    parser.add_argument(
+        "--lora", default=None, help="trained weights: a training's .tar or its .safetensors (path or URL)"
+    )
 
 
 def _flag_help(spec: params.Spec) -> str:
@@ -57,11 +62,21 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _request(args: argparse.Namespace) -> params.Request:
+def _request(args: argparse.Namespace, lora_sha256: Optional[str]) -> params.Request:
+    """The request to run; for reproduce, the file's, refused unless --lora is the LoRA it was made with."""
     if args.command == "reproduce":
         from lcm.metadata import read_metadata
 
-        return params.Request.from_metadata(read_metadata(args.file), image=args.image, mask=args.mask)
+        meta = read_metadata(args.file)
+        wanted = meta.get("lora_sha256")
+        if wanted != lora_sha256:
+            needed = (
+                f"the LoRA with sha256 {wanted}"
+                if wanted
+                else "none: this file was made without trained weights"
+            )
+            raise InputError("lora", lora_sha256, f"{needed} (this LoRA's sha256 is {lora_sha256})")
+        return params.Request.from_metadata(meta, image=args.image, mask=args.mask)
     return params.Request.build(**{spec.name: getattr(args, spec.name) for spec in params.INPUTS})
 
 
@@ -69,11 +84,14 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     """Entry point of `python -m lcm`; returns the exit status."""
     args = _parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
+    from lcm import lora
     from lcm.engine import Engine  # heavy imports only once the arguments parsed
 
     try:
-        request = _request(args)
-        engine = Engine.load(args.weights, device=args.device)
+        lora_path = lora.fetch(args.lora, tempfile.mkdtemp(prefix="lcm-lora-")) if args.lora else None
+        digest = hashlib.sha256(lora_path.read_bytes()).hexdigest() if lora_path else None
+        request = _request(args, digest)
+        engine = Engine.load(args.weights, device=args.device, lora_path=lora_path)
         args.out.mkdir(parents=True, exist_ok=True)
         for path in engine.generate_files(request, args.out):
             print(path)

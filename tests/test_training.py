@@ -10,6 +10,8 @@ from __future__ import annotations
 import base64
 import inspect
 import io
+import subprocess
+import sys
 import tarfile
 import zipfile
 from pathlib import Path
@@ -19,7 +21,7 @@ import pytest
 import torch
 from PIL import Image
 
-from cogserver import CogServer
+from cogserver import ROOT, CogServer
 from lcm import lora, prompts, sampler, training
 from lcm.engine import Engine
 from lcm.errors import InputError, LCMError
@@ -277,3 +279,44 @@ def test_setup_fails_with_weights_that_are_not_a_lora(tiny_checkpoint, tmp_path)
     finally:
         srv.stop()
     assert health["status"] == "SETUP_FAILED" and "not safetensors" in health["setup"]["logs"], health
+
+
+def test_a_lora_file_reproduces_with_lora_and_is_refused_without(lora_weights, tiny_checkpoint, tmp_path):
+    """`python -m lcm generate --lora`, then `reproduce FILE --lora` in a fresh process: the same bytes."""
+    common = ["--weights", str(tiny_checkpoint), "--device", "cpu"]
+
+    def run(*args: str) -> subprocess.CompletedProcess:
+        return subprocess.run(
+            [sys.executable, "-m", "lcm", *args, *common],
+            cwd=ROOT,
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
+
+    made = run(
+        "generate",
+        CAPTION,
+        "--out",
+        str(tmp_path / "a"),
+        "--width",
+        "256",
+        "--height",
+        "256",
+        "--num-inference-steps",
+        "2",
+        "--seed",
+        "4",
+        "--lora-scale",
+        "0.5",
+        "--lora",
+        str(lora_weights),
+        "--disable-safety-checker",
+    )
+    assert made.returncode == 0, made.stderr[-2000:]
+    (file,) = (tmp_path / "a").iterdir()
+    again = run("reproduce", str(file), "--out", str(tmp_path / "b"), "--lora", str(lora_weights))
+    assert again.returncode == 0, again.stderr[-2000:]
+    assert (tmp_path / "b" / file.name).read_bytes() == file.read_bytes()
+    refused = run("reproduce", str(file), "--out", str(tmp_path / "c"))
+    assert refused.returncode == 2 and "lora=None is not allowed: the LoRA with sha256" in refused.stderr
