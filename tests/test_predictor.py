@@ -27,6 +27,7 @@ ARGS = dict(
     guidance_scale=8.0,
     lcm_origin_steps=50,
     seed=99,
+    lora_scale=1.0,
 )
 
 
