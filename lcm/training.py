@@ -84,7 +84,6 @@ _JUNK = ("__MACOSX/", ".DS_Store")
 # (diffusers' LCM-LoRA distillation script's list).
 _ATTENTION = ("to_q", "to_k", "to_v", "to_out.0")
 LORA_TARGETS: dict[str, tuple[str, ...]] = {
-    "cross_attention": ("attn2.to_k", "attn2.to_v"),
     "attention": _ATTENTION,
     "all": (
         *_ATTENTION,
