@@ -22,13 +22,15 @@ import torch
 from PIL import Image
 
 from cogserver import ROOT, CogServer
-from lcm import lora, prompts, sampler, training
+from lcm import batching, lora, prompts, sampler, training
 from lcm.engine import Engine
 from lcm.errors import InputError, LCMError
 from lcm.metadata import read_metadata
 from lcm.params import Request
+from lcm.worker import CancelFlag, Cancelled
 
 CAPTION = "a photo of a cat"
+OTHER_PROMPT = "a dog riding the horse"
 SIDE = 64  # tiny training images: the engine takes any multiple of 8 from 64 (the API: 512 or 768)
 
 
@@ -282,41 +284,54 @@ def test_setup_fails_with_weights_that_are_not_a_lora(tiny_checkpoint, tmp_path)
 
 
 def test_a_lora_file_reproduces_with_lora_and_is_refused_without(lora_weights, tiny_checkpoint, tmp_path):
-    """`python -m lcm generate --lora`, then `reproduce FILE --lora` in a fresh process: the same bytes."""
+    """A file made with the training's archive; `python -m lcm reproduce FILE --lora` in a fresh process."""
+    tuned = Engine.load(
+        tiny_checkpoint, device="cpu", lora_path=lora.fetch(str(lora_weights), tmp_path / "lora")
+    )
+    request = Request.build(CAPTION, width=256, height=256, num_inference_steps=2, seed=4, lora_scale=0.5)
+    (file,) = tuned.generate_files(request, tmp_path / "a")
+    tuned.close()
     common = ["--weights", str(tiny_checkpoint), "--device", "cpu"]
 
-    def run(*args: str) -> subprocess.CompletedProcess:
-        return subprocess.run(
-            [sys.executable, "-m", "lcm", *args, *common],
-            cwd=ROOT,
-            capture_output=True,
-            text=True,
-            timeout=300,
-        )
+    def reproduce(out: str, *extra: str) -> subprocess.CompletedProcess:
+        command = [
+            sys.executable,
+            "-m",
+            "lcm",
+            "reproduce",
+            str(file),
+            "--out",
+            str(tmp_path / out),
+            *common,
+            *extra,
+        ]
+        return subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=300)
 
-    made = run(
-        "generate",
-        CAPTION,
-        "--out",
-        str(tmp_path / "a"),
-        "--width",
-        "256",
-        "--height",
-        "256",
-        "--num-inference-steps",
-        "2",
-        "--seed",
-        "4",
-        "--lora-scale",
-        "0.5",
-        "--lora",
-        str(lora_weights),
-        "--disable-safety-checker",
-    )
-    assert made.returncode == 0, made.stderr[-2000:]
-    (file,) = (tmp_path / "a").iterdir()
-    again = run("reproduce", str(file), "--out", str(tmp_path / "b"), "--lora", str(lora_weights))
+    again = reproduce("b", "--lora", str(lora_weights))
     assert again.returncode == 0, again.stderr[-2000:]
     assert (tmp_path / "b" / file.name).read_bytes() == file.read_bytes()
-    refused = run("reproduce", str(file), "--out", str(tmp_path / "c"))
+    refused = reproduce("c")
     assert refused.returncode == 2 and "lora=None is not allowed: the LoRA with sha256" in refused.stderr
+
+
+def test_a_cancelled_training_stops_at_the_next_step(red_set, tiny_checkpoint, tmp_path):
+    flag, lines = CancelFlag(), []
+
+    def report(line: str) -> None:
+        lines.append(line)
+        if line.startswith("step 3/"):
+            flag.set()
+
+    with pytest.raises(Cancelled):
+        training.train_lora(
+            red_set, tmp_path, _config(max_train_steps=50), tiny_checkpoint, "cpu", flag, report
+        )
+    assert lines[-1].startswith("step 3/50 loss=") and not list(tmp_path.iterdir())
+
+
+def test_requests_with_different_lora_scales_are_not_batched_together():
+    one, half = (Request.build(CAPTION, width=256, height=256, seed=1, lora_scale=s) for s in (1.0, 0.5))
+    assert batching.shape_key(one, 1) != batching.shape_key(half, 1)
+    assert batching.shape_key(one, 1) == batching.shape_key(
+        Request.build(OTHER_PROMPT, width=256, height=256), 1
+    )
