@@ -335,3 +335,24 @@ def test_requests_with_different_lora_scales_are_not_batched_together():
     assert batching.shape_key(one, 1) == batching.shape_key(
         Request.build(OTHER_PROMPT, width=256, height=256), 1
     )
+
+
+def test_weights_from_an_http_url_are_downloaded_and_checked(lora_weights, tmp_path):
+    """The URL Cog hands setup() on Replicate: fetched with the standard library (here from loopback)."""
+    import functools
+    import threading
+    from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
+
+    handler = functools.partial(SimpleHTTPRequestHandler, directory=str(lora_weights.parent))
+    httpd = ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=httpd.serve_forever, daemon=True).start()
+    try:
+        url = f"http://127.0.0.1:{httpd.server_address[1]}"
+        path = lora.fetch(f"{url}/{lora_weights.name}", tmp_path / "a")
+        with tarfile.open(lora_weights) as tf:
+            assert path.read_bytes() == tf.extractfile(lora.WEIGHTS_FILE).read()
+        with pytest.raises(LCMError, match="weights=.*the download failed"):
+            lora.fetch(f"{url}/missing.tar", tmp_path / "b")
+    finally:
+        httpd.shutdown()
+        httpd.server_close()
