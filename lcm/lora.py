@@ -114,7 +114,8 @@ def attach(pipe, path: str | os.PathLike) -> LoadedLora:
     digest = hashlib.sha256(path.read_bytes()).hexdigest()
     before = sum(1 for name, _ in pipe.unet.named_parameters() if "lora_" in name)
     try:
-        pipe.load_lora_weights(load_file(path), adapter_name=ADAPTER)
+        # The UNet's own loader: the file holds UNet keys only (lcm.training), no text encoder.
+        pipe.unet.load_lora_adapter(load_file(path), prefix="unet", adapter_name=ADAPTER)
     except (ValueError, KeyError, RuntimeError) as exc:
         raise LCMError(f"the LoRA in {path.name} does not fit this model's UNet: {exc}") from exc
     added = sum(1 for name, _ in pipe.unet.named_parameters() if "lora_" in name) - before
@@ -130,5 +131,5 @@ def set_scale(pipe, loaded: LoadedLora, scale: float) -> LoadedLora:
     """The LoRA at `scale` for the next passes (0: the base model's output exactly)."""
     if scale == loaded.scale:
         return loaded
-    pipe.set_adapters([ADAPTER], [scale])
+    pipe.unet.set_adapters([ADAPTER], weights=[scale])
     return LoadedLora(loaded.sha256, scale)

@@ -56,7 +56,7 @@ from lcm import images, prompts, sampler
 from lcm.errors import InputError
 from lcm.loading import load_pipeline, pick_device
 from lcm.lora import INFO_FILE, WEIGHTS_FILE
-from lcm.params import Spec, check
+from lcm.params import MAX_SEED, Spec, check, random_seed
 from lcm.weights import weights_dir
 from lcm.worker import CancelFlag
 
@@ -115,7 +115,7 @@ TRAIN_INPUTS: tuple[Spec, ...] = (
     Spec("lora_rank", 16, int, 1, 128, help="LoRA rank (alpha = rank: scale 1)"),
     Spec("lora_target", "attention", str, choices=tuple(LORA_TARGETS), help="UNet layers the LoRA adapts"),
     Spec("batch_size", 1, int, 1, 16, help="images per step"),
-    Spec("seed", None, int, 0, 2**32 - 1, optional=True, help="random when left out; logged"),
+    Spec("seed", None, int, 0, MAX_SEED, optional=True, help="random when left out; logged"),
     Spec(
         "skip_interval", SKIP_INTERVAL, int, 1, 250, help="k: timesteps between the online and target points"
     ),
@@ -170,7 +170,7 @@ class TrainingConfig:
             v[spec.name] = value
         v["resolution"] = int(v["resolution"])
         if v["seed"] is None:
-            v["seed"] = int.from_bytes(os.urandom(4), "little")
+            v["seed"] = random_seed()
         if v["guidance_scale_min"] > v["guidance_scale_max"]:
             raise InputError(
                 "guidance_scale_min",

@@ -356,3 +356,24 @@ def test_weights_from_an_http_url_are_downloaded_and_checked(lora_weights, tmp_p
     finally:
         httpd.shutdown()
         httpd.server_close()
+
+
+def test_a_safetensors_file_that_fits_no_layer_fails_setup_with_a_message(tiny_checkpoint, tmp_path):
+    from safetensors.torch import save_file
+
+    from lcm.loading import load_pipeline
+
+    other = tmp_path / "other.safetensors"
+    save_file({"text_model.layer.lora_A.weight": torch.zeros(2, 2)}, other)
+    with pytest.raises(LCMError, match="fits no layer of this model's UNet"):
+        lora.attach(
+            load_pipeline(tiny_checkpoint, torch.device("cpu"), torch.float32),
+            lora.fetch(str(other), tmp_path),
+        )
+
+
+def test_an_archive_larger_unpacked_than_allowed_fails_from_its_headers(tmp_path, monkeypatch):
+    monkeypatch.setattr(training, "MAX_UNPACKED_BYTES", 1000)
+    archive = _zip(tmp_path / "a.zip", {"a.png": b"\0" * 600, "b.png": b"\0" * 600})
+    with pytest.raises(InputError, match="at most 0 MB unpacked"):
+        training.read_archive(archive, CAPTION, SIDE)
