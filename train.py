@@ -19,7 +19,7 @@ from lcm.training import TrainingConfig, train_lora
 from lcm.worker import EngineThread
 
 # Literals for cog build's static parser; tests/test_training.py holds them to lcm.training.TRAIN_INPUTS.
-RESOLUTIONS = ["512", "768"]
+RESOLUTIONS = [512, 768]
 LORA_TARGETS = ["attention", "all"]
 
 
@@ -35,9 +35,9 @@ async def train(
         description="Caption of every image without its own .txt (at most 75 CLIP tokens). Empty: every image needs a .txt.",
         default="",
     ),
-    resolution: str = Input(
+    resolution: int = Input(
         description="Side of the square training images in pixels (each image is scaled to cover it and centre-cropped): 512 or 768. Default 512.",
-        default="512",
+        default=512,
         choices=RESOLUTIONS,
     ),
     max_train_steps: int = Input(

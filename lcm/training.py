@@ -99,7 +99,7 @@ LORA_TARGETS: dict[str, tuple[str, ...]] = {
         "time_emb_proj",
     ),
 }
-RESOLUTIONS = ("512", "768")
+RESOLUTIONS = (512, 768)
 _ARCHIVE = (
     "a zip or tar (.tar, .tar.gz, .tar.bz2, .tar.xz) of PNG, JPEG or WebP images, each maybe with a caption"
 )
@@ -109,7 +109,7 @@ _ARCHIVE = (
 TRAIN_INPUTS: tuple[Spec, ...] = (
     Spec("input_images", None, Path, help=_ARCHIVE),
     Spec("caption", "", str, high=1000, help="caption of every image without its own .txt"),
-    Spec("resolution", "512", str, choices=RESOLUTIONS, help="side of the square training images, pixels"),
+    Spec("resolution", 512, int, choices=RESOLUTIONS, help="side of the square training images, pixels"),
     Spec("max_train_steps", 500, int, 1, 20000, help="optimizer steps"),
     Spec("learning_rate", 1e-4, float, 1e-6, 1e-2, help="AdamW learning rate"),
     Spec("lora_rank", 16, int, 1, 128, help="LoRA rank (alpha = rank: scale 1)"),
@@ -162,8 +162,7 @@ class TrainingConfig:
         for spec in TRAIN_INPUTS[1:]:
             value = inputs.get(spec.name, spec.default)
             if spec.name == "resolution" and any_resolution:
-                value = str(value)
-                if not (value.isdigit() and int(value) >= 64 and int(value) % 8 == 0):
+                if isinstance(value, bool) or not isinstance(value, int) or value < 64 or value % 8:
                     raise InputError("resolution", value, "a multiple of 8 from 64")
             else:
                 value = check(spec, value)
