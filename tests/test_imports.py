@@ -16,7 +16,11 @@ def module_name(path: Path) -> str:
 
 
 def project_modules() -> dict[str, Path]:
-    files = [ROOT / "predict.py", *(f for package in PACKAGES for f in (ROOT / package).rglob("*.py"))]
+    files = [
+        ROOT / "predict.py",
+        ROOT / "train.py",
+        *(f for package in PACKAGES for f in (ROOT / package).rglob("*.py")),
+    ]
     return {module_name(f): f for f in files}
 
 

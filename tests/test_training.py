@@ -240,6 +240,11 @@ def test_through_cog_a_training_returns_weights_that_a_server_then_serves(tiny_c
     trainer = CogServer(tiny_checkpoint, None, train=True)
     try:
         trainer.wait_until({"READY"})
+        path = {"input": {"input_images": str(archive), "caption": CAPTION}}
+        refused = trainer.request("POST", "/trainings", path)[1]
+        assert (
+            "input_images=" in refused["error"] and "paths on the server are not accepted" in refused["error"]
+        )
         status, body = trainer.request(
             "POST",
             "/trainings",
