@@ -154,6 +154,44 @@ class Predictor(BasePredictor):
             ge=0.0,
             le=1.5,
         ),
+        control_image: Optional[Path] = Input(
+            description="Image whose Canny edges guide the layout through the canny ControlNet (lllyasviel/control_v11p_sd15_canny), with or without an image; same formats and limits as image. Fitted to the output size like image; without width, height and image the output follows its size. Empty: no ControlNet.",
+            default=None,
+        ),
+        controlnet_conditioning_scale: float = Input(
+            description="control_image only: weight of the ControlNet's residuals, 0 (no effect) to 4. Default 1.0.",
+            default=1.0,
+            ge=0.0,
+            le=4.0,
+        ),
+        control_guidance_start: float = Input(
+            description="control_image only: fraction of the steps, 0 to 1, before which the ControlNet is off (a step counts when it lies wholly inside start..end). Default 0.0; less than control_guidance_end.",
+            default=0.0,
+            ge=0.0,
+            le=1.0,
+        ),
+        control_guidance_end: float = Input(
+            description="control_image only: fraction of the steps, 0 to 1, after which the ControlNet is off. Default 1.0; more than control_guidance_start.",
+            default=1.0,
+            ge=0.0,
+            le=1.0,
+        ),
+        canny_low_threshold: int = Input(
+            description="control_image only: Canny's lower hysteresis threshold on the gradient, 1 to 255; weaker edges are dropped, stronger ones kept where they touch a strong edge. Default 100; less than canny_high_threshold.",
+            default=100,
+            ge=1,
+            le=255,
+        ),
+        canny_high_threshold: int = Input(
+            description="control_image only: Canny's upper hysteresis threshold on the gradient, 1 to 255; edges this strong are always kept. Default 200; more than canny_low_threshold.",
+            default=200,
+            ge=1,
+            le=255,
+        ),
+        return_control_image: bool = Input(
+            description="control_image only: also return the Canny edge map the ControlNet was given, as the last file (a PNG without generation metadata). Default false.",
+            default=False,
+        ),
     ) -> List[Path]:
         """Generate images and return them as files, each carrying its generation parameters.
 
@@ -167,8 +205,7 @@ class Predictor(BasePredictor):
         output_dir = tempfile.mkdtemp(prefix="lcm-")
         job = None
         try:
-            take_download(image, "image")
-            take_download(mask, "mask")
+            take_downloads({"image": image, "mask": mask, "control_image": control_image})
             request = Request.build(**inputs)
             job = self.engine.submit(request, output_dir)
             served = await job.outcome()
@@ -206,18 +243,22 @@ def keep_outputs_seconds() -> float:
     return seconds
 
 
-def take_download(path: object, field: str) -> None:
-    """Refuse any file input but one Cog downloaded from an http(s) or data: URL, and only once.
+def take_downloads(files: dict[str, object]) -> None:
+    """Refuse any file input but a file Cog downloaded from an http(s) or data: URL, and only once.
 
     Cog hands any other string on as a path, which would let a caller read files on the server,
     another request's upload among them. Each download is taken off the record by the prediction
-    it was made for, so no other prediction (concurrent or later) can name it.
+    it was made for, so no other prediction (concurrent or later) can name it: every file's record
+    is taken before the first refused one (by its field's name) fails the prediction.
     """
-    if path is None:
-        return
-    try:
-        _DOWNLOADED.remove(os.fspath(path))
-    except KeyError:
-        raise InputError(
-            field, str(path), "an http(s) or data: URL; paths on the server are not accepted"
-        ) from None
+    refused = []
+    for field, path in files.items():
+        if path is None:
+            continue
+        try:
+            _DOWNLOADED.remove(os.fspath(path))
+        except KeyError:
+            refused.append((field, path))
+    if refused:
+        field, path = refused[0]
+        raise InputError(field, str(path), "an http(s) or data: URL; paths on the server are not accepted")

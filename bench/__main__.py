@@ -67,10 +67,12 @@ def parser() -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--mode",
-        choices=("txt2img", "inpaint"),
+        choices=("txt2img", "inpaint", "controlnet"),
         default="txt2img",
         help="txt2img (default), or inpaint: a photo-like input and a mask over its centre quarter, "
-        "prompt_strength 1, against diffusers' StableDiffusionInpaintPipeline on the same components",
+        "prompt_strength 1, against diffusers' StableDiffusionInpaintPipeline on the same components, "
+        "or controlnet: the canny ControlNet on a random grey mosaic's edges, against diffusers' "
+        "StableDiffusionControlNetPipeline on the same components (the weights need controlnet-canny/)",
     )
     p.add_argument(
         "--clients",

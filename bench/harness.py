@@ -29,7 +29,13 @@ from typing import Any, Optional, Protocol, Sequence
 
 import numpy as np
 import torch
-from diffusers import LatentConsistencyModelPipeline, StableDiffusionInpaintPipeline
+from diffusers import (
+    ControlNetModel,
+    LatentConsistencyModelPipeline,
+    LCMScheduler,
+    StableDiffusionControlNetPipeline,
+    StableDiffusionInpaintPipeline,
+)
 from diffusers.utils import logging as diffusers_logging
 from PIL import Image
 from transformers.utils import logging as transformers_logging
@@ -38,9 +44,9 @@ import predict
 from bench import DEFAULT_WEIGHTS, report
 from bench.memory import MemoryWatch, Usage, release
 from bench.results import SEED, Output, Result, Run, Settings
-from lcm import allocator
+from lcm import allocator, control, images
 from lcm.errors import LCMError
-from lcm.loading import DEVICE_ENV, pick_device
+from lcm.loading import CONTROLNET_DIR, DEVICE_ENV, pick_device
 from lcm.params import DEFAULT_PROMPT, SPECS, Request
 from lcm.weights import WEIGHTS_ENV, check_weights
 
@@ -59,6 +65,14 @@ def inpaint_inputs(size: int) -> tuple[Image.Image, Image.Image]:
     mask = np.zeros((size, size), dtype=np.uint8)
     mask[size // 4 : size * 3 // 4, size // 4 : size * 3 // 4] = 255
     return Image.fromarray(np.clip(photo, 0, 255).astype(np.uint8)), Image.fromarray(mask)
+
+
+def control_input(size: int) -> Image.Image:
+    """The controlnet mode's control image: grey 16-px blocks of random (seeded) levels, whose step
+    edges of every contrast give Canny work at any threshold."""
+    levels = np.random.default_rng(SEED).integers(0, 256, (size // 16, size // 16), dtype=np.uint8)
+    pixels = np.repeat(np.repeat(levels, 16, axis=0), 16, axis=1)
+    return Image.fromarray(np.stack([pixels] * 3, axis=-1))
 
 
 def _data_url(image: Image.Image) -> str:
@@ -171,19 +185,23 @@ class Ours:
             return [self.generation]
 
         engine.generate_batch = observed
+        if engine.controlnet is not None:
+            self.recorder.wrap(engine.controlnet, "forward", "controlnet", "controlnet.forward")
         self.kwargs = predict_inputs(self.settings)
+        self.urls: dict[str, str] = {}  # the mode's input files, as data: URLs
         if self.settings.mode == "inpaint":
             image, mask = inpaint_inputs(self.settings.size)
             self.urls = {"image": _data_url(image), "mask": _data_url(mask)}
+        elif self.settings.mode == "controlnet":
+            self.urls = {"control_image": _data_url(control_input(self.settings.size))}
 
     def enter(self) -> None:
-        """The allocator as the service leaves it: the reference's turn may have reset it. Inpainting's
+        """The allocator as the service leaves it: the reference's turn may have reset it. The mode's
         files are downloaded here, off the clock, as Cog downloads them before predict() runs."""
         if self.predictor.engine.accel.hold_memory:
             allocator.hold_freed_memory(True)
-        if self.settings.mode == "inpaint":
-            for name, url in self.urls.items():
-                self.kwargs[name] = predict.cog.types.Path.validate(url).convert()
+        for name, url in self.urls.items():
+            self.kwargs[name] = predict.cog.types.Path.validate(url).convert()
 
     def run(self) -> Output:
         asyncio.run(self.predictor.predict(**self.kwargs))  # a coroutine, as Cog's event loop runs it
@@ -195,6 +213,7 @@ class Ours:
             flagged=[bool(f) for f in getattr(generation, "nsfw", [])],
             stages=stages,
             steps=self._steps(stages),
+            controlnet=list(self.recorder.calls["controlnet.forward"]),
         )
 
     def _steps(self, stages: dict[str, float]) -> list[float]:
@@ -257,6 +276,9 @@ class Reference:
             pipe = StableDiffusionInpaintPipeline.from_pipe(pipe)
             self.recorder.wrap(pipe.vae, "encode", "prepare")  # the image, and the masked image
             self.inpaint = inpaint_inputs(self.settings.size)
+        self.edges = None
+        if self.settings.mode == "controlnet":
+            pipe = self._controlnet_pipeline(pipe, dtype)
         pipe.set_progress_bar_config(disable=True)
         self.dtype = str(pipe.dtype).removeprefix("torch.")
         self.safety_checker = (
@@ -265,12 +287,29 @@ class Reference:
         wrap = self.recorder.wrap
         wrap(pipe, "encode_prompt", "text")
         wrap(pipe.unet, "forward", "unet", "unet.forward")
+        if self.edges is not None:
+            wrap(pipe.controlnet, "forward", "unet", "controlnet.forward")
         wrap(pipe.scheduler, "step", "unet", "scheduler.step")
         wrap(pipe.vae, "decode", "vae")
         wrap(pipe, "run_safety_checker", "safety")
         wrap(pipe.image_processor, "postprocess", "postprocess")
         self.pipe = pipe
         self.out_dir = Path(tempfile.mkdtemp(prefix="lcm-bench-reference-"))
+
+    def _controlnet_pipeline(self, pipe: LatentConsistencyModelPipeline, dtype: torch.dtype) -> Any:
+        """diffusers' ControlNet pipeline on the same components and the LCM scheduler, fed the edge map
+        of the control image fitted as ours fits it (OpenCV's Canny at the default thresholds)."""
+        controlnet = ControlNetModel.from_pretrained(
+            self.settings.weights / CONTROLNET_DIR, local_files_only=True, use_safetensors=True, dtype=dtype
+        ).to(self.settings.device)
+        size = self.settings.size
+        fitted = images.fit_image(control_input(size), size, size)
+        low, high = SPECS["canny_low_threshold"].default, SPECS["canny_high_threshold"].default
+        self.edges = control.canny_edges(fitted, low, high)
+        scheduler = LCMScheduler.from_config(pipe.scheduler.config, original_inference_steps=ORIGIN_STEPS)
+        components = {**pipe.components, "scheduler": scheduler}
+        components.pop("image_encoder", None)
+        return StableDiffusionControlNetPipeline(**components, controlnet=controlnet).to(self.settings.device)
 
     def enter(self) -> None:
         """glibc's allocator as a default process has it, whatever ours set (process-wide) in its turn."""
@@ -281,6 +320,8 @@ class Reference:
         if s.mode == "inpaint":  # its scheduler's config holds the origin steps (50)
             image, mask = self.inpaint
             mode: dict[str, Any] = {"image": image, "mask_image": mask, "strength": INPAINT_STRENGTH}
+        elif s.mode == "controlnet":  # its LCM scheduler holds the origin steps (_controlnet_pipeline)
+            mode = {"image": self.edges}
         else:
             mode = {"original_inference_steps": ORIGIN_STEPS}
         result = self.pipe(
@@ -302,7 +343,16 @@ class Reference:
             images=result.images,
             flagged=[bool(f) for f in result.nsfw_content_detected or []],
             stages=dict(self.recorder.stages),
-            steps=[a + b for a, b in zip(calls["unet.forward"], calls["scheduler.step"], strict=False)],
+            steps=[
+                sum(parts)
+                for parts in zip(
+                    calls["unet.forward"],
+                    calls["scheduler.step"],
+                    *([calls["controlnet.forward"]] if self.edges is not None else []),
+                    strict=False,
+                )
+            ],
+            controlnet=list(calls["controlnet.forward"]),
         )
 
     def close(self) -> None:
@@ -413,6 +463,12 @@ def resolve(args: argparse.Namespace) -> Settings:
 
             _say(f"building a full-size synthetic checkpoint in {weights} (about 25 s)")
             build_checkpoint(weights, size="full")
+    if args.mode == "controlnet" and not (weights / CONTROLNET_DIR).is_dir():
+        raise LCMError(
+            f"--mode controlnet needs {weights / CONTROLNET_DIR}: run scripts/download-weights --dir "
+            f"{weights}, or build a synthetic checkpoint, which has one, in an empty folder "
+            "(python -m lcm.synthetic)"
+        )
     runs = args.runs or (5 if device.type == "cuda" else 3)
     if args.threads is not None:
         torch.set_num_threads(args.threads)

@@ -152,6 +152,11 @@ def table(settings: Settings, ours: Result, reference: Result) -> str:
                 o = ours_steps[i] if i < len(ours_steps) else None
                 r = reference_steps[i] if i < len(reference_steps) else None
                 rows.append((f"  step {i + 1} s, median", _seconds(o), _seconds(r), _ratio(r, o)))
+            if settings.mode == "controlnet":
+                o, r = ours.controlnet_median(), reference.controlnet_median()
+                rows.append(
+                    ("  of a step: ControlNet forward s, median", _seconds(o), _seconds(r), _ratio(r, o))
+                )
     places = [("host", "host RSS")] + ([("gpu", "GPU allocated")] if settings.device.type == "cuda" else [])
     for key, label in places:
         o_held, r_held = (
@@ -198,6 +203,12 @@ def notes(settings: Settings, ours: Result, reference: Result) -> list[str]:
         "+ scheduler.step per step). The reference's safety stage includes its own PIL conversion for "
         "the feature extractor; its postprocess stage is the final tensor to PIL conversion.",
     ]
+    if settings.mode == "controlnet":
+        lines.append(
+            "In the controlnet mode, both unet stages and steps include the ControlNet's forward pass; the "
+            "reference is diffusers' StableDiffusionControlNetPipeline on the same components with the "
+            "LCM scheduler, given the same edge map."
+        )
     if reference.safety_checker.startswith("on") and not ours.safety_checker.startswith("on"):
         checker = reference.stage_medians().get("safety")
         lines.append(

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import statistics
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
@@ -47,6 +47,7 @@ class Output:
     flagged: list[bool]
     stages: dict[str, float]
     steps: list[float]
+    controlnet: list[float] = field(default_factory=list)  # each ControlNet forward pass, in step order
 
 
 @dataclass
@@ -110,6 +111,11 @@ class Result:
         return [
             statistics.median(steps) for steps in zip(*(r.output.steps for r in self.profiled), strict=True)
         ]
+
+    def controlnet_median(self) -> Optional[float]:
+        """Median seconds of one ControlNet forward pass over the profiled runs; None without one."""
+        passes = [seconds for r in self.profiled for seconds in r.output.controlnet]
+        return statistics.median(passes) if passes else None
 
     def pixels(self) -> np.ndarray:
         """The last timed run's images as one (N, H, W, 3) uint8 array."""

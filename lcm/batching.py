@@ -39,13 +39,19 @@ def shape_key(request: Request, windows: int) -> Hashable:
     Size, steps and origin steps (hence timesteps), image to image with its strength (the
     timesteps it keeps), inpainting or not (a mask blends every step; each row keeps its own
     mask and image latents), the decoder, the prompt's 77-token window count (the length of the
-    cross-attention's context) and the LoRA's scale (one per UNet pass). Prompts, seeds,
-    guidance, clip skip, safety, format and quality are per request: they ride along as rows or
-    are applied per request afterwards.
+    cross-attention's context), the LoRA's scale (one per UNet pass), and with a control image the
+    ControlNet's residual schedule (scale, start, end). Prompts, seeds, guidance, clip skip, safety,
+    format, quality, control images and their Canny thresholds are per request: they ride along as
+    rows or are applied per request afterwards.
     """
     r = request
     strength = r.prompt_strength if r.image is not None else None
     inpaint = r.mask is not None
+    guide = (
+        (r.controlnet_conditioning_scale, r.control_guidance_start, r.control_guidance_end)
+        if r.control_image is not None
+        else None
+    )
     return (
         r.width,
         r.height,
@@ -56,6 +62,7 @@ def shape_key(request: Request, windows: int) -> Hashable:
         r.fast_decode,
         windows,
         r.lora_scale,
+        guide,
     )
 
 

@@ -59,6 +59,9 @@ def _parser() -> argparse.ArgumentParser:
     _engine_options(rep)
     rep.add_argument("--image", type=Path, default=None, help="the input image, for an image-to-image file")
     rep.add_argument("--mask", type=Path, default=None, help="the mask, for an inpainting file")
+    rep.add_argument(
+        "--control-image", type=Path, default=None, help="the control image, for a file made with one"
+    )
     return parser
 
 
@@ -76,7 +79,9 @@ def _request(args: argparse.Namespace, lora_sha256: Optional[str]) -> params.Req
                 else "none: this file was made without trained weights"
             )
             raise InputError("lora", lora_sha256, f"{needed} (this LoRA's sha256 is {lora_sha256})")
-        return params.Request.from_metadata(meta, image=args.image, mask=args.mask)
+        return params.Request.from_metadata(
+            meta, image=args.image, mask=args.mask, control_image=args.control_image
+        )
     return params.Request.build(**{spec.name: getattr(args, spec.name) for spec in params.INPUTS})
 
 

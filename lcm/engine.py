@@ -19,12 +19,13 @@ from typing import Any, Callable, Optional
 import numpy as np
 import torch
 import torch.nn.functional as F
-from diffusers import AutoencoderTiny, LCMScheduler
+from diffusers import AutoencoderTiny, ControlNetModel, LCMScheduler
 from diffusers.image_processor import VaeImageProcessor
+from PIL import Image
 
-from lcm import accel, allocator, batching, compiling, images, lora, prompts, safety, sampler
+from lcm import accel, allocator, batching, compiling, control, images, lora, prompts, safety, sampler
 from lcm.errors import InputError, LCMError
-from lcm.loading import default_dtype, load_pipeline, load_taesd, pick_device
+from lcm.loading import CONTROLNET_DIR, default_dtype, load_controlnet, load_pipeline, load_taesd, pick_device
 from lcm.params import SPECS, Request
 from lcm.weights import weights_dir
 from lcm.worker import CancelFlag, Cancelled, EngineThread, Job
@@ -46,6 +47,7 @@ class Generation:
     timings: dict[str, float] = field(default_factory=dict)
     eager: Optional[list[str]] = None  # with compile on: the compiled modules this request ran eagerly
     batch: tuple[int, int] = (1, 1)  # the batch it ran in: requests, images (generate_batch sets it)
+    edges: Optional[Image.Image] = None  # the canny edge map the ControlNet was given, with a control image
 
 
 @dataclass(frozen=True)
@@ -89,10 +91,12 @@ class Engine:
         taesd: Optional[AutoencoderTiny] = None,
         settings: Optional[accel.Accel] = None,
         thread: Optional[EngineThread] = None,
+        controlnet: Optional[ControlNetModel] = None,
     ) -> None:
         self.pipe = pipe
         self.accel = settings or accel.Accel.from_env(device, dtype, pipe.vae.config)
         self.taesd = taesd  # fast_decode's tiny decoder, when the weights directory has one
+        self.controlnet = controlnet  # control_image's canny ControlNet, when the weights directory has one
         self.device = device
         self.dtype = dtype
         self.weights_dir = path
@@ -104,6 +108,7 @@ class Engine:
             do_binarize=False,
             do_convert_grayscale=True,
         )
+        self.control_processor = control.image_processor(self.vae_scale_factor)
         self.thread = thread or EngineThread()
         self.compiled: list[compiling.CompiledForShapes] = []
         self.queue = batching.Queue()  # submitted requests, until a batch takes them
@@ -146,7 +151,8 @@ class Engine:
         dtype = default_dtype(dev)
         pipe = load_pipeline(resolved, dev, dtype)
         taesd = load_taesd(resolved, dev, dtype)
-        for module in (*pipe.components.values(), taesd):
+        controlnet = load_controlnet(resolved, dev, dtype)
+        for module in (*pipe.components.values(), taesd, controlnet):
             if isinstance(module, torch.nn.Module):
                 module.requires_grad_(False)
         settings = accel.Accel.from_env(dev, dtype, pipe.vae.config)
@@ -159,7 +165,7 @@ class Engine:
                     "trained weights (a LoRA) are served without LCM_FUSE_QKV and LCM_COMPILE: unset them"
                 )
             trained = lora.attach(pipe, lora_path)
-        engine = cls(pipe, dev, dtype, resolved, taesd, settings, thread)
+        engine = cls(pipe, dev, dtype, resolved, taesd, settings, thread, controlnet)
         engine.lora = trained
         loaded = time.perf_counter() - start
         if settings.compile:
@@ -240,6 +246,12 @@ class Engine:
             raise LCMError(
                 f"fast_decode needs the TAESD decoder in {self.weights_dir / 'taesd'}, which is missing: "
                 "run scripts/download-weights (it fetches madebyollin/taesd), or leave fast_decode off"
+            )
+        if request.control_image is not None and self.controlnet is None:
+            raise LCMError(
+                f"control_image needs the canny ControlNet in {self.weights_dir / CONTROLNET_DIR}, which is "
+                "missing: run scripts/download-weights (it fetches lllyasviel/control_v11p_sd15_canny), or "
+                "leave control_image empty"
             )
         if request.safety_checker and self.pipe.safety_checker is None:
             raise LCMError(
@@ -387,6 +399,24 @@ class Engine:
         else:
             starts = [self.start_latents(r, scheduler, g) for r, g in zip(requests, generators, strict=True)]
         latents = torch.cat(starts) if len(starts) > 1 else starts[0]
+        edges = [
+            control.canny_edges(r.control_image, r.canny_low_threshold, r.canny_high_threshold)
+            if r.control_image is not None
+            else None
+            for r in requests
+        ]
+        guide = None
+        if first.control_image is not None:  # all of them: they share a shape key
+            guide = control.Control(
+                self.controlnet,
+                control.condition(self.control_processor, edges, sizes, self.device, self.dtype),
+                control.step_scales(
+                    len(scheduler.timesteps),
+                    first.controlnet_conditioning_scale,
+                    first.control_guidance_start,
+                    first.control_guidance_end,
+                ),
+            )
         clock.lap("prepare")
 
         def prune() -> Optional[list[int]]:
@@ -407,6 +437,7 @@ class Engine:
             planned=self.accel.planned_step,
             prune=prune,
             inpaint=inpaint,
+            control=guide,
         )
         kept = prune()  # flags set during the last step: decode nothing for them
         if kept is not None:
@@ -442,6 +473,7 @@ class Engine:
                     dict(clock.timings),
                     eager,
                     batch,
+                    edges[k],
                 )
                 if rows
                 else None
@@ -543,6 +575,11 @@ class Engine:
         try:
             with ThreadPoolExecutor(max_workers=max(1, min(len(kept), os.cpu_count() or 1))) as pool:
                 paths = list(pool.map(write, kept))
+            if request.return_control_image and kept and generation.edges is not None:
+                paths.append(
+                    images.save_control_image(generation.edges, out_dir / f"lcm-{request.seed}-control")
+                )
+                written.append(paths[-1])
             cancel.check()
         except BaseException:
             for path in written:
@@ -571,7 +608,7 @@ class Engine:
         stages = " ".join(f"{k}={v:.3f}s" for k, v in generation.timings.items())
         return (
             "seed=%d images=%d size=%dx%d steps=%d guidance=%.2f origin_steps=%d tokens=%d clip_skip=%d "
-            "mode=%s decoder=%s format=%s quality=%d flagged=%s batch=%drequests/%dimages device=%s "
+            "mode=%s%s decoder=%s format=%s quality=%d flagged=%s batch=%drequests/%dimages device=%s "
             "dtype=%s%s%s %s"
         ) % (
             r.seed,
@@ -584,6 +621,7 @@ class Engine:
             generation.num_tokens,
             r.clip_skip,
             _mode(r),
+            _control_note(r),
             "taesd" if r.fast_decode else "vae",
             r.output_format,
             r.output_quality,
@@ -591,7 +629,7 @@ class Engine:
             *generation.batch,
             self.device,
             str(self.dtype).removeprefix("torch."),
-            _graphs(generation.eager),
+            _graphs(generation.eager, r.control_image is not None),
             f" lora={self.lora.sha256[:12]}x{r.lora_scale:.2f}" if self.lora is not None else "",
             stages,
         )
@@ -604,13 +642,27 @@ def _mode(r: Request) -> str:
     return f"{'inpaint' if r.mask is not None else 'img2img'} strength={r.prompt_strength:.2f}"
 
 
-def _graphs(eager: Optional[list[str]]) -> str:
+def _control_note(r: Request) -> str:
+    """The log line's note on the ControlNet: empty without a control image."""
+    if r.control_image is None:
+        return ""
+    return (
+        f" control=canny scale={r.controlnet_conditioning_scale:.2f} start={r.control_guidance_start:.2f} "
+        f"end={r.control_guidance_end:.2f} thresholds={r.canny_low_threshold}/{r.canny_high_threshold}"
+        + (" edges=returned" if r.return_control_image else "")
+    )
+
+
+def _graphs(eager: Optional[list[str]], control: bool) -> str:
     """The log line's note on compiled graphs: empty with compile off."""
     if eager is None:
         return ""
     if not eager:
         return " graphs=compiled"
-    return f" graphs=eager({'+'.join(eager)}: not a size compiled in setup, see LCM_COMPILE_SIZES)"
+    why = "not a size compiled in setup, see LCM_COMPILE_SIZES"
+    if control and eager == ["unet"]:  # the VAE ran compiled, so the size was compiled
+        why = "its passes with the ControlNet's residuals run eagerly"
+    return f" graphs=eager({'+'.join(eager)}: {why})"
 
 
 def _rows(embeds: list[torch.Tensor], sizes: list[int]) -> torch.Tensor:

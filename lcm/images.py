@@ -56,7 +56,7 @@ def decode(vae: AutoencoderKL | AutoencoderTiny, latents: torch.Tensor, chunk: i
 def load_input_image(path: str | os.PathLike, field: str = "image") -> Image.Image:
     """Read an uploaded image as upright 8-bit RGB, refusing anything that is not a sane image.
 
-    `field` is the input it came in (`image`, `mask`): errors name it.
+    `field` is the input it came in (`image`, `mask`, `control_image`): errors name it.
 
     The size is checked from the header before any pixel is decoded, so a small file that
     claims to be huge (a decompression bomb) costs nothing. EXIF orientation is applied,
@@ -135,4 +135,12 @@ def save_image(
         "jpg": {"format": "JPEG", "quality": quality, "optimize": False},
     }[fmt]
     Image.fromarray(pixels).save(path, **options, **save_options(fmt, metadata))
+    return path
+
+
+def save_control_image(edges: Image.Image, path_stem: str | os.PathLike) -> Path:
+    """Write the ControlNet's edge map as <path_stem>.png: lossless, and without generation metadata,
+    so `python -m lcm reproduce` never takes it for a generated image."""
+    path = Path(os.fspath(path_stem) + EXTENSIONS["png"])
+    edges.save(path, format="PNG", compress_level=PNG_COMPRESS_LEVEL)
     return path

@@ -21,6 +21,7 @@ import torch  # noqa: E402
 from diffusers import (  # noqa: E402
     AutoencoderKL,
     AutoencoderTiny,
+    ControlNetModel,
     LatentConsistencyModelPipeline,
     LCMScheduler,
     UNet2DConditionModel,
@@ -30,7 +31,14 @@ from safetensors import SafetensorError, safe_open  # noqa: E402
 from transformers import CLIPImageProcessor, CLIPImageProcessorPil, CLIPTextModel, CLIPTokenizer  # noqa: E402
 
 from lcm.errors import LCMError, WeightsError  # noqa: E402
-from lcm.weights import WEIGHT_FILES, check_weights, config_files, fill_commands  # noqa: E402
+from lcm.weights import (  # noqa: E402
+    CONTROLNET_FILES,
+    TAESD_FILES,
+    WEIGHT_FILES,
+    check_weights,
+    config_files,
+    fill_commands,
+)
 
 DEVICE_ENV = "LCM_DEVICE"
 INDEX_NAME = "model_index.json"
@@ -51,7 +59,7 @@ COMPONENT_CLASSES: dict[str, dict[tuple[str, str], type]] = {
     "scheduler": {("diffusers", "LCMScheduler"): LCMScheduler},
 }
 TAESD_DIR = "taesd"
-TAESD_FILES = ("taesd/config.json", "taesd/diffusion_pytorch_model.safetensors")
+CONTROLNET_DIR = "controlnet-canny"
 SHOWN_KEYS = 2  # weight names quoted per problem in an error message
 
 
@@ -116,18 +124,43 @@ def load_taesd(
 
     Optional, so its absence only disables fast_decode; but a taesd/ folder that is there must load.
     """
-    root = Path(weights_dir)
-    if not (root / TAESD_DIR).is_dir():
+    return _load_optional(
+        Path(weights_dir), TAESD_DIR, TAESD_FILES, AutoencoderTiny, device, dtype, "fast_decode"
+    )
+
+
+def load_controlnet(
+    weights_dir: str | os.PathLike, device: torch.device, dtype: torch.dtype
+) -> Optional[ControlNetModel]:
+    """control_image's canny ControlNet when the weights directory has a controlnet-canny/ folder, else None.
+
+    Optional like TAESD: its absence only makes control_image unavailable; a folder that is there must load.
+    """
+    return _load_optional(
+        Path(weights_dir), CONTROLNET_DIR, CONTROLNET_FILES, ControlNetModel, device, dtype, "control_image"
+    )
+
+
+def _load_optional(
+    root: Path,
+    folder: str,
+    files: tuple[str, str],
+    cls: type,
+    device: torch.device,
+    dtype: torch.dtype,
+    feature: str,
+) -> Any:
+    if not (root / folder).is_dir():
         return None
-    missing = [name for name in TAESD_FILES if not (root / name).is_file()]
+    missing = [name for name in files if not (root / name).is_file()]
     if missing:
         raise WeightsError(
-            f"{root / TAESD_DIR} is incomplete, missing {', '.join(missing)}: remove the folder to run "
-            f"without fast_decode, or fill it\n{fill_commands(root)}"
+            f"{root / folder} is incomplete, missing {', '.join(missing)}: remove the folder to run "
+            f"without {feature}, or fill it\n{fill_commands(root)}"
         )
-    check_safetensors(root, TAESD_FILES[1])
-    decoder = _load_component(root, TAESD_DIR, AutoencoderTiny, TAESD_FILES[:1], TAESD_FILES[1], dtype)
-    return decoder.to(device)
+    check_safetensors(root, files[1])
+    model = _load_component(root, folder, cls, files[:1], files[1], dtype)
+    return model.to(device)
 
 
 def check_safetensors(root: Path, name: str) -> None:

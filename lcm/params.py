@@ -34,6 +34,7 @@ MAX_SEED = 2**32 - 1
 MAX_PROMPT_CHARS = 5000  # a cheap bound before tokenizing; the real limit is prompts.MAX_WINDOWS
 MAX_LORA_SCALE = 1.5
 MAX_CLIP_SKIP = 11  # the real text encoder has 12 layers; the engine checks the loaded one
+MAX_CONTROL_SCALE = 4.0
 OUTPUT_FORMATS = tuple(images.EXTENSIONS)
 DEFAULT_PROMPT = "Self-portrait oil painting, a beautiful cyborg with golden hair, 8k"
 
@@ -76,6 +77,59 @@ INPUTS: tuple[Spec, ...] = (
     Spec("fast_decode", False, bool, help="decode with TAESD: faster, less fine detail"),
     Spec("disable_safety_checker", False, bool, help="skip the safety checker"),
     Spec("lora_scale", 1.0, float, 0.0, MAX_LORA_SCALE, help="strength of the trained LoRA (setup weights)"),
+    Spec(
+        "control_image",
+        None,
+        Path,
+        optional=True,
+        help="image whose canny edges guide the layout (ControlNet)",
+    ),
+    Spec(
+        "controlnet_conditioning_scale",
+        1.0,
+        float,
+        0.0,
+        MAX_CONTROL_SCALE,
+        help="control_image only: weight of the ControlNet's residuals",
+    ),
+    Spec(
+        "control_guidance_start",
+        0.0,
+        float,
+        0.0,
+        1.0,
+        help="control_image only: fraction of steps before it applies",
+    ),
+    Spec(
+        "control_guidance_end",
+        1.0,
+        float,
+        0.0,
+        1.0,
+        help="control_image only: fraction of steps after which it stops",
+    ),
+    Spec(
+        "canny_low_threshold", 100, int, 1, 255, help="control_image only: Canny's lower hysteresis threshold"
+    ),
+    Spec(
+        "canny_high_threshold",
+        200,
+        int,
+        1,
+        255,
+        help="control_image only: Canny's upper hysteresis threshold",
+    ),
+    Spec("return_control_image", False, bool, help="control_image only: also return the edge map, last"),
+)
+# The ControlNet's settings: each at its default unless a control_image is given, and left out of a
+# file's metadata at its default (files made without them keep their bytes and reproduce as before).
+CONTROL_SETTINGS = (
+    "controlnet_conditioning_scale",
+    "control_guidance_start",
+    "control_guidance_end",
+    "canny_low_threshold",
+    "canny_high_threshold",
+    "return_control_image",
 )
 SPECS = {spec.name: spec for spec in INPUTS}
 _OMITTED = object()
@@ -190,6 +244,14 @@ class Request:
     safety_checker: bool
     fast_decode: bool
     lora_scale: float
+    control_image: Optional[Image.Image] = field(default=None, compare=False, repr=False)  # fitted too
+    control_image_sha256: Optional[str] = None
+    controlnet_conditioning_scale: float = SPECS["controlnet_conditioning_scale"].default
+    control_guidance_start: float = SPECS["control_guidance_start"].default
+    control_guidance_end: float = SPECS["control_guidance_end"].default
+    canny_low_threshold: int = SPECS["canny_low_threshold"].default
+    canny_high_threshold: int = SPECS["canny_high_threshold"].default
+    return_control_image: bool = SPECS["return_control_image"].default
 
     @classmethod
     def build(cls, prompt: Any = _OMITTED, **inputs: Any) -> "Request":
@@ -198,7 +260,8 @@ class Request:
         Takes INPUTS' names, the prompt also first by position; any left out takes its default.
 
         Raises InputError naming the first bad field. Without an image, width and height default
-        to 768; with one, they follow output_size and the image is fitted to them.
+        to 768; with one, they follow output_size and the image is fitted to them. The control
+        image is fitted the same way, to the image's size when both are given, else to its own.
         """
         if prompt is not _OMITTED:
             inputs["prompt"] = prompt
@@ -223,12 +286,22 @@ class Request:
                 Path(mask).name,
                 "only together with image (it marks the parts of the image to redraw): send both",
             )
+        if mask is not None and v["control_image"] is not None:
+            raise InputError(
+                "control_image",
+                Path(v["control_image"]).name,
+                "not together with mask (the ControlNet is not offered for inpainting): send one of them",
+            )
+        control = _control(v)
         if image is None:
             if strength != DEFAULT_STRENGTH:
                 raise InputError(
                     "prompt_strength", strength, "only with an image (it sets how much of the image changes)"
                 )
-            width, height = width or DEFAULT_SIZE, height or DEFAULT_SIZE
+            if control is None:
+                width, height = width or DEFAULT_SIZE, height or DEFAULT_SIZE
+            else:
+                width, height = output_size(control.size, width, height)
         else:
             loaded = images.load_input_image(image)  # checks size limits before anything is read whole
             digest = hashlib.sha256(Path(image).read_bytes()).hexdigest()
@@ -249,6 +322,8 @@ class Request:
                     f"at least {least} with num_inference_steps={steps} and lcm_origin_steps={origin} (each "
                     f"step needs one of the lcm_origin_steps x prompt_strength = {used} timesteps left)",
                 )
+        if control is not None:
+            v["control_image"] = images.fit_image(control, width, height)
         v.update(width=width, height=height, image=fitted, image_sha256=digest)
         v.update(mask=fitted_mask, mask_sha256=mask_digest)
         v["safety_checker"] = not v.pop("disable_safety_checker")
@@ -260,33 +335,52 @@ class Request:
         return [(self.seed + i) % (MAX_SEED + 1) for i in range(self.num_images)]
 
     def metadata(self, seed: int) -> dict[str, Any]:
-        """What a file needs to be regenerated alone: this request with one image and its own seed."""
-        skip = {"image", "mask", "num_images", "safety_checker"}
+        """What a file needs to be regenerated alone: this request with one image and its own seed.
+
+        The ControlNet's inputs appear only away from their defaults (from_metadata reads a missing
+        one as its default); return_control_image never, as it adds a file but changes no image.
+        """
+        skip = {"image", "mask", "num_images", "safety_checker", "control_image", "return_control_image"}
         if self.image is None:
             skip |= {"prompt_strength", "image_sha256"}
         if self.mask is None:  # left out, so files made without a mask keep their bytes
             skip.add("mask_sha256")
         if self.lora_scale == SPECS["lora_scale"].default:  # left out at its default: older files unchanged
             skip.add("lora_scale")
+        if self.control_image is None:
+            skip.add("control_image_sha256")
+        skip |= {name for name in CONTROL_SETTINGS if getattr(self, name) == SPECS[name].default}
         values = {f.name: getattr(self, f.name) for f in fields(self) if f.name not in skip}
         return {**values, "seed": seed, "model": lcm.MODEL_NAME, "version": lcm.__version__}
 
     @classmethod
     def from_metadata(
-        cls, meta: dict[str, Any], image: Optional[str | Path] = None, mask: Optional[str | Path] = None
+        cls,
+        meta: dict[str, Any],
+        image: Optional[str | Path] = None,
+        mask: Optional[str | Path] = None,
+        control_image: Optional[str | Path] = None,
     ) -> "Request":
-        """The one-image request a file's metadata describes; its input image and mask must be the same files.
+        """The one-image request a file's metadata describes; its input files must be the same files.
 
         The file holds the inputs under their own names (see `metadata`); the safety checker is
         not among them, so the regenerated request runs it by default.
         """
         wanted = _same_file("image", "input image", image, meta.get("image_sha256"))
         wanted_mask = _same_file("mask", "mask", mask, meta.get("mask_sha256"))
-        files = ("image", "mask")
+        wanted_control = _same_file(
+            "control_image", "control image", control_image, meta.get("control_image_sha256")
+        )
+        files = ("image", "mask", "control_image")
         stored = {
             spec.name: meta[spec.name] for spec in INPUTS if spec.name in meta and spec.name not in files
         }
-        return cls.build(**stored, image=image if wanted else None, mask=mask if wanted_mask else None)
+        return cls.build(
+            **stored,
+            image=image if wanted else None,
+            mask=mask if wanted_mask else None,
+            control_image=control_image if wanted_control else None,
+        )
 
 
 def _same_file(name: str, what: str, path: Optional[str | Path], wanted: Optional[str]) -> Optional[str]:
@@ -299,3 +393,34 @@ def _same_file(name: str, what: str, path: Optional[str | Path], wanted: Optiona
     if found != wanted:
         raise InputError(name, str(path), f"the {what} with sha256 {wanted}; this one is {found}")
     return wanted
+
+
+def _control(v: dict[str, Any]) -> Optional[Image.Image]:
+    """The loaded control image (popped from `v`, its hash put in), after the ControlNet settings' checks.
+
+    Without a control image every setting must stay at its default; start < end and low < high
+    are refused naming both fields.
+    """
+    path = v.pop("control_image")
+    if path is None:
+        changed = next((n for n in CONTROL_SETTINGS if v[n] != SPECS[n].default), None)
+        if changed is not None:
+            raise InputError(
+                changed, v[changed], "only with a control_image (it sets how the ControlNet applies)"
+            )
+        return None
+    start, end = v["control_guidance_start"], v["control_guidance_end"]
+    if start >= end:
+        raise InputError(
+            "control_guidance_start",
+            start,
+            f"less than control_guidance_end={end} (the ControlNet applies from start to end)",
+        )
+    low, high = v["canny_low_threshold"], v["canny_high_threshold"]
+    if low >= high:
+        raise InputError(
+            "canny_low_threshold", low, f"less than canny_high_threshold={high} (Canny's hysteresis band)"
+        )
+    loaded = images.load_input_image(path, field="control_image")
+    v["control_image_sha256"] = hashlib.sha256(Path(path).read_bytes()).hexdigest()
+    return loaded

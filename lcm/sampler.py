@@ -15,6 +15,8 @@ import torch
 from diffusers import LatentConsistencyModelPipeline, LCMScheduler, UNet2DConditionModel
 from diffusers.utils.torch_utils import randn_tensor
 
+from lcm.control import Control
+
 
 def guidance_embedding(guidance_scale: float | Sequence[float], batch: int, dim: int) -> torch.Tensor:
     """The w-embedding (float32, CPU) with diffusers' convention w = guidance_scale - 1.
@@ -144,6 +146,7 @@ def sample(
     planned: bool = True,
     prune: Optional[Callable[[], Optional[Sequence[int]]]] = None,
     inpaint: Optional[Inpaint] = None,
+    control: Optional[Control] = None,
 ) -> torch.Tensor:
     """Run the scheduler's timesteps from `latents`; return the final denoised latents.
 
@@ -155,7 +158,8 @@ def sample(
     rows (indices into the rows still running) that go on; the others leave the batch, and the
     result holds only the rows that stayed. Each row's arithmetic and noise are its own either way.
     With `inpaint`, each step's latents are blended with the kept image latents, and the result
-    is the last step's blend (the last LCM step's sample is its denoised estimate).
+    is the last step's blend (the last LCM step's sample is its denoised estimate). `control`,
+    when given, adds its ControlNet's residuals to the UNet pass of each step it covers.
     """
     batch = latents.shape[0]
     w_embedding = guidance_embedding(guidance_scale, batch, unet.config.time_cond_proj_dim).to(
@@ -181,12 +185,22 @@ def sample(
             generators = [generators[k] for k in kept]
             if not kept:
                 return denoised
+            if control is not None:
+                control.select(rows)
+        residuals = control.residuals(i, latents, t, prompt_embeds) if control is not None else None
+        extra = {}
+        if residuals is not None:  # only then: a compiled UNet keeps its plain signature on other steps
+            extra = {
+                "down_block_additional_residuals": residuals[0],
+                "mid_block_additional_residual": residuals[1],
+            }
         model_pred = unet(
             latents,
             t,
             timestep_cond=w_embedding,
             encoder_hidden_states=prompt_embeds,
             return_dict=False,
+            **extra,
         )[0]
         if plan is None:
             latents, denoised = scheduler.step(

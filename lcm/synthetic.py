@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from diffusers import AutoencoderKL, AutoencoderTiny, UNet2DConditionModel
+from diffusers import AutoencoderKL, AutoencoderTiny, ControlNetModel, UNet2DConditionModel
 from diffusers.pipelines.stable_diffusion.safety_checker import StableDiffusionSafetyChecker
 from safetensors import safe_open
 from safetensors.torch import save_file
@@ -34,6 +34,7 @@ from transformers.convert_slow_tokenizer import bytes_to_unicode
 
 VENDORED_DIR = Path(__file__).resolve().parent / "configs" / "lcm-dreamshaper-v7"
 TAESD_CONFIG = Path(__file__).resolve().parent / "configs" / "taesd" / "config.json"
+CONTROLNET_CONFIG = Path(__file__).resolve().parent / "configs" / "controlnet-canny" / "config.json"
 SIZES = ("tiny", "full")
 MARKER_NAME = "synthetic.json"
 
@@ -45,7 +46,11 @@ WEIGHT_FILES = {
     "text_encoder": "text_encoder/model.safetensors",
     "safety_checker": "safety_checker/model.safetensors",
     "taesd": "taesd/diffusion_pytorch_model.safetensors",  # fast_decode's tiny decoder (madebyollin/taesd)
+    # control_image's canny ControlNet (lllyasviel/control_v11p_sd15_canny)
+    "controlnet-canny": "controlnet-canny/diffusion_pytorch_model.safetensors",
 }
+# Configs written beside the weights that are not part of the LCM checkpoint's own files.
+_OWN_CONFIGS = {"taesd": TAESD_CONFIG, "controlnet-canny": CONTROLNET_CONFIG}
 
 # Weight-name prefixes that the hub's files have and these components' modules no longer do: the hub's
 # text_encoder and safety_checker files were written by transformers 4, which nested CLIPTextModel's
@@ -98,6 +103,13 @@ _TINY_OVERRIDES: dict[str, dict[str, Any]] = {
             "patch_size": 32,
         },
     },
+    "controlnet-canny": {  # the tiny UNet's encoder half, as ControlNetModel.from_unet would make it
+        "block_out_channels": [32, 64],
+        "down_block_types": ["CrossAttnDownBlock2D", "DownBlock2D"],
+        "layers_per_block": 1,
+        "cross_attention_dim": 32,
+        "conditioning_embedding_out_channels": [8, 8, 16, 16],
+    },
     "taesd": {
         "encoder_block_out_channels": [16, 16, 16, 16],
         "decoder_block_out_channels": [16, 16, 16, 16],
@@ -120,6 +132,23 @@ _TINY_UNET_GAINS = {
     "attn2.to_out.0": 3.0,
     "time_embedding.cond_proj": 8.0,  # the guidance embedding's share of the time embedding
 }
+# A ControlNet's output layers start at zero (diffusers' zero_module: a new ControlNet changes nothing
+# until trained), so the synthetic ones re-initialise them as ordinary convolutions. The tiny one then
+# scales up its conditioning embedding and outputs (weights and biases, by module-name prefix): at
+# default init its output hardly depended on the edge map, so the Canny thresholds moved a 256x256
+# image by 1 level; with these gains they move it by tens (tests/test_controlnet.py holds them to it).
+_CONTROLNET_ZERO_LAYERS = (
+    "controlnet_cond_embedding.conv_out",
+    "controlnet_down_blocks",
+    "controlnet_mid_block",
+)
+_TINY_CONTROLNET_GAINS = {
+    "controlnet_cond_embedding.conv_in": 3.0,  # the edge map's share of the ControlNet's input
+    "controlnet_cond_embedding.blocks": 3.0,
+    "controlnet_cond_embedding.conv_out": 4.0,
+    "controlnet_down_blocks": 4.0,  # the residuals' share of the UNet's skip connections
+    "controlnet_mid_block": 4.0,
+}
 # Words the tiny tokenizer merges into single tokens; everything else falls back to byte tokens.
 _TINY_WORDS = ("a", "photo", "of", "cat", "dog", "the", "astronaut", "riding", "horse", "painting")
 _BOS, _EOS = "<|startoftext|>", "<|endoftext|>"
@@ -137,12 +166,13 @@ def vendored_files() -> list[str]:
 
 def checkpoint_files() -> list[str]:
     """The exact file set of a synthetic checkpoint: the real download's files plus the marker."""
-    return sorted([*vendored_files(), "taesd/config.json", *WEIGHT_FILES.values(), MARKER_NAME])
+    own = [f"{name}/config.json" for name in _OWN_CONFIGS]
+    return sorted([*vendored_files(), *own, *WEIGHT_FILES.values(), MARKER_NAME])
 
 
 def model_config(component: str, size: str) -> dict[str, Any]:
     """The config a component is built from: the vendored one, shrunk for ``tiny``."""
-    source = TAESD_CONFIG if component == "taesd" else VENDORED_DIR / component / "config.json"
+    source = _OWN_CONFIGS.get(component, VENDORED_DIR / component / "config.json")
     config = json.loads(source.read_text())
     if size == "tiny":
         for key, value in _TINY_OVERRIDES[component].items():
@@ -175,6 +205,10 @@ def build_model(component: str, size: str) -> torch.nn.Module:
         return StableDiffusionSafetyChecker(CLIPConfig.from_dict(config))
     if component == "taesd":
         return AutoencoderTiny.from_config(config)
+    if component == "controlnet-canny":
+        controlnet = ControlNetModel.from_config(config)
+        _reset_zero_layers(controlnet, _TINY_CONTROLNET_GAINS if size == "tiny" else {})
+        return controlnet
     raise ValueError(f"component={component!r} is not one of {sorted(WEIGHT_FILES)}")
 
 
@@ -186,6 +220,24 @@ def _apply_gains(model: torch.nn.Module, gains: dict[str, float]) -> None:
             if suffix is not None:
                 for parameter in module.parameters(recurse=False):
                     parameter.mul_(gains[suffix])
+
+
+def _reset_zero_layers(controlnet: torch.nn.Module, gains: dict[str, float]) -> None:
+    """Torch's default init for a ControlNet's zero-initialised convolutions; then each convolution
+    under a prefix of `gains` scaled by its gain."""
+
+    def under(name: str, prefix: str) -> bool:
+        return name == prefix or name.startswith(prefix + ".")
+
+    with torch.no_grad():
+        for name, module in controlnet.named_modules():
+            if not isinstance(module, torch.nn.Conv2d):
+                continue
+            if any(under(name, layer) for layer in _CONTROLNET_ZERO_LAYERS):
+                module.reset_parameters()
+            gain = next((g for prefix, g in gains.items() if under(name, prefix)), 1.0)
+            for parameter in module.parameters():
+                parameter.mul_(gain)
 
 
 def build_checkpoint(out_dir: str | Path, size: str = "tiny", seed: int = 0) -> Path:
@@ -239,7 +291,8 @@ def _write_checkpoint(root: Path, size: str, seed: int) -> None:
             (root / name).parent.mkdir(parents=True, exist_ok=True)
             shutil.copyfile(VENDORED_DIR / name, root / name)
     if size == "full":
-        shutil.copyfile(TAESD_CONFIG, root / "taesd" / "config.json")
+        for name, config in _OWN_CONFIGS.items():
+            shutil.copyfile(config, root / name / "config.json")
     (root / MARKER_NAME).write_text(
         json.dumps({"size": size, "seed": seed, "synthetic": True}, indent=2) + "\n"
     )

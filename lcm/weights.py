@@ -55,6 +55,11 @@ WEIGHT_FILES: dict[str, str] = {
     "vae": "vae/diffusion_pytorch_model.safetensors",
     "safety_checker": "safety_checker/model.safetensors",
 }
+# Optional models, each in its own folder (config, then weights): without one, only the input that
+# needs it is unavailable. The manifest records those present.
+TAESD_FILES = ("taesd/config.json", "taesd/diffusion_pytorch_model.safetensors")
+CONTROLNET_FILES = ("controlnet-canny/config.json", "controlnet-canny/diffusion_pytorch_model.safetensors")
+OPTIONAL_FILES = (*TAESD_FILES, *CONTROLNET_FILES)
 
 
 def _required(configs: dict[str, tuple[str, ...]]) -> tuple[str, ...]:
@@ -101,6 +106,12 @@ def fill_commands(path: str | os.PathLike | None = None) -> str:
         "or, without hub access, with a synthetic random-weight checkpoint (its images are noise):\n"
         f"  python -m lcm.synthetic {shlex.quote(str(target))} --size full"
     )
+
+
+def present_optional_files(path: str | os.PathLike | None = None) -> list[str]:
+    """The optional models' files that a weights directory holds."""
+    target = weights_dir(path)
+    return [name for name in OPTIONAL_FILES if (target / name).is_file()]
 
 
 def check_weights(path: str | os.PathLike | None = None) -> Path:
@@ -218,7 +229,8 @@ def _read_manifest(path: str | os.PathLike | None = None) -> dict | None:
 
 
 def write_manifest(path: str | os.PathLike | None = None, source: str | None = None) -> Path:
-    """Record each required file's size and sha256, so later checks can catch truncation or corruption.
+    """Record the size and sha256 of each required file and each optional one present, so later checks
+    can catch truncation or corruption.
 
     `source` says where the files came from ("repo@revision"); download-weights only trusts present
     files from the same source. Written atomically; returns the manifest's path.
@@ -226,7 +238,7 @@ def write_manifest(path: str | os.PathLike | None = None, source: str | None = N
     target = _check_present(weights_dir(path))
     files = {
         name: {"size": (target / name).stat().st_size, "sha256": _sha256(target / name)}
-        for name in required_files(target)
+        for name in (*required_files(target), *present_optional_files(target))
     }
     manifest = target / MANIFEST_NAME
     partial = manifest.with_name(MANIFEST_NAME + ".partial")
@@ -236,7 +248,8 @@ def write_manifest(path: str | os.PathLike | None = None, source: str | None = N
 
 
 def verify_weights(path: str | os.PathLike | None = None) -> Path:
-    """Full integrity check: every required file's sha256 against manifest.json (reads every byte)."""
+    """Full integrity check: the sha256 of every required file, and of every optional one present, against
+    manifest.json (reads every byte)."""
     target = check_weights(path)
     manifest = _read_manifest(target)
     if manifest is None:
@@ -245,7 +258,7 @@ def verify_weights(path: str | os.PathLike | None = None) -> Path:
             "scripts/download-weights writes one; for files you trust, call lcm.weights.write_manifest."
         )
     bad = []
-    for name in required_files(target):
+    for name in (*required_files(target), *present_optional_files(target)):
         record = manifest["files"].get(name)
         if record is None:
             bad.append(f"  {name}: not in {MANIFEST_NAME}")

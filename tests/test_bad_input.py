@@ -118,6 +118,13 @@ def image_input(url: str, **extra: Any) -> dict[str, Any]:
 
 VALID_PNG = encoded(noise(256, 256), "PNG")
 
+
+def control_input(url: str | None = None, **extra: Any) -> dict[str, Any]:
+    """Text to image guided by a control image (VALID_PNG unless given); None values are left out."""
+    case = {**BASE, "control_image": url or data_url(VALID_PNG), **extra}
+    return {key: value for key, value in case.items() if value is not None}
+
+
 CASES = [
     # --- size -----------------------------------------------------------------------------
     # Below the schema's minimum: refused before predict() runs, naming width and 256.
@@ -381,7 +388,7 @@ CASES = [
         failed("mask", "megapixels"),
         id="mask-bomb-20000",
     ),
-    # A path on the server is refused as for image: take_download checks every file input.
+    # A path on the server is refused as for image: take_downloads checks every file input.
     pytest.param(
         image_input(data_url(VALID_PNG), mask="/etc/passwd"),
         failed("mask", "not accepted"),
@@ -396,6 +403,87 @@ CASES = [
         ),
         ok((512, 256)),
         id="mask-other-size-with-alpha",
+    ),
+    # --- the canny ControlNet ------------------------------------------------------------------------
+    pytest.param(
+        control_input(controlnet_conditioning_scale=4.5),
+        refused("controlnet_conditioning_scale", "maximum of 4"),
+        id="control-scale-4.5",
+    ),
+    pytest.param(
+        control_input(controlnet_conditioning_scale=-0.1),
+        refused("controlnet_conditioning_scale", "minimum of 0"),
+        id="control-scale-negative",
+    ),
+    pytest.param(
+        control_input(control_guidance_end=1.5),
+        refused("control_guidance_end", "maximum of 1"),
+        id="control-end-1.5",
+    ),
+    pytest.param(
+        control_input(canny_low_threshold=0), refused("canny_low_threshold", "minimum of 1"), id="canny-low-0"
+    ),
+    pytest.param(
+        control_input(canny_high_threshold=256),
+        refused("canny_high_threshold", "maximum of 255"),
+        id="canny-high-256",
+    ),
+    pytest.param(
+        control_input(canny_low_threshold=50.5),
+        refused("canny_low_threshold", "integer"),
+        id="canny-low-fractional",
+    ),
+    pytest.param(
+        control_input(return_control_image="yes"),
+        refused("return_control_image", "boolean"),
+        id="control-return-string",
+    ),
+    # Crossed bounds pass the schema; the message names both fields.
+    pytest.param(
+        control_input(control_guidance_start=0.5, control_guidance_end=0.5),
+        failed("control_guidance_start", "less than control_guidance_end=0.5"),
+        id="control-end-equals-start",
+    ),
+    pytest.param(
+        control_input(canny_low_threshold=200, canny_high_threshold=100),
+        failed("canny_low_threshold", "less than canny_high_threshold=100"),
+        id="canny-low-above-high",
+    ),
+    # Inpainting with a ControlNet is not offered: refused naming both.
+    pytest.param(
+        control_input(image=data_url(VALID_PNG), mask=data_url(VALID_PNG)),
+        failed("control_image", "not together with mask"),
+        id="control-image-with-mask",
+    ),
+    # A ControlNet setting without a control image would silently do nothing: refused.
+    pytest.param(
+        {**BASE, "control_guidance_start": 0.5},
+        failed("control_guidance_start", "only with a control_image"),
+        id="control-setting-without-image",
+    ),
+    pytest.param(
+        control_input(data_url(b"just some text\n", "text/plain")),
+        failed("control_image", "not an image"),
+        id="control-image-text",
+    ),
+    pytest.param(
+        control_input(data_url(png_header_only(20000, 20000))),
+        failed("control_image", "megapixels"),
+        id="control-image-bomb",
+    ),
+    pytest.param(
+        control_input("/etc/passwd"), failed("control_image", "not accepted"), id="control-image-server-path"
+    ),
+    # Without a size the output follows the control image; with an image too, the image.
+    pytest.param(
+        control_input(data_url(encoded(noise(320, 256), "PNG")), width=None, height=None),
+        ok((320, 256)),
+        id="control-image-sets-size",
+    ),
+    pytest.param(
+        control_input(image=data_url(encoded(noise(64, 32, "P"), "PNG")), width=None, height=None),
+        ok((512, 256)),
+        id="control-image-follows-image",
     ),
 ]
 

@@ -92,3 +92,21 @@ def test_bench_times_inpainting_against_diffusers_inpainting_pipeline(tiny_check
     difference = re.search(r"max pixel difference, ours vs reference\W+(\d+)/255", out)
     assert difference is not None and int(difference.group(1)) <= 1, out
     assert re.fullmatch(r"speedup_vs_reference=\d+\.\d+", out.strip().splitlines()[-1])
+
+
+def test_bench_times_the_controlnet_against_diffusers_controlnet_pipeline(tiny_checkpoint):
+    out = subprocess.run(
+        [sys.executable, "-m", "bench", "--device", "cpu", "--size", "256", "--steps", "2", "--runs", "1"]
+        + ["--warmup", "0", "--weights", str(tiny_checkpoint), "--mode", "controlnet"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=True,
+    ).stdout
+    assert "request: controlnet, 256x256" in out
+    assert re.search(r"of a step: ControlNet forward s, median \| \d+\.\d+ \| \d+\.\d+", out), out
+    # The same edge map, seeds and LCM scheduler: predict() equals StableDiffusionControlNetPipeline.
+    difference = re.search(r"max pixel difference, ours vs reference\W+(\d+)/255", out)
+    assert difference is not None and int(difference.group(1)) <= 1, out
+    assert re.fullmatch(r"speedup_vs_reference=\d+\.\d+", out.strip().splitlines()[-1])

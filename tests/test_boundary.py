@@ -48,10 +48,22 @@ def _mask() -> bytes:
     return out.getvalue()
 
 
+def _blocks() -> bytes:
+    """A 256x256 mosaic of grey 16x16 blocks, as a PNG: step edges of every contrast for Canny."""
+    levels = np.random.default_rng(0).integers(0, 256, (16, 16), dtype=np.uint8)
+    pixels = np.repeat(np.repeat(levels, 16, axis=0), 16, axis=1)
+    out = io.BytesIO()
+    Image.fromarray(np.stack([pixels] * 3, axis=-1)).save(out, format="PNG")
+    return out.getvalue()
+
+
 PHOTO = _photo()
 PHOTO_URL = "data:image/png;base64," + base64.b64encode(PHOTO).decode()
 MASK = _mask()
 MASK_URL = "data:image/png;base64," + base64.b64encode(MASK).decode()
+BLOCKS = _blocks()
+BLOCKS_URL = "data:image/png;base64," + base64.b64encode(BLOCKS).decode()
+CONTROL = {"control_image": BLOCKS_URL}
 
 
 @dataclass(frozen=True)
@@ -102,6 +114,17 @@ ROWS: dict[str, Row] = {
     "disable_safety_checker": Row(True, "flagged=off", pixels="same", recorded=None),
     "fast_decode": Row(True, "decoder=taesd"),
     "lora_scale": Row(0.5, "x0.50 ", server="lora_server"),
+    "control_image": Row(
+        BLOCKS_URL, "control=canny", recorded=("control_image_sha256", hashlib.sha256(BLOCKS).hexdigest())
+    ),
+    "controlnet_conditioning_scale": Row(0.5, "scale=0.50", with_=CONTROL),
+    # Of 2 steps: 0.5 leaves the ControlNet out of the first, as end=0.5 does of the second.
+    "control_guidance_start": Row(0.5, "start=0.50", with_=CONTROL),
+    "control_guidance_end": Row(0.5, "end=0.50", with_=CONTROL),
+    "canny_low_threshold": Row(20, "thresholds=20/200", with_=CONTROL),
+    "canny_high_threshold": Row(150, "thresholds=100/150", with_=CONTROL),
+    # Adds the edge map as a last file, changes no image, and is not needed to reproduce one.
+    "return_control_image": Row(True, "edges=returned", pixels="same", with_=CONTROL, recorded=None),
 }
 
 
@@ -172,6 +195,11 @@ def test_each_input_reaches_the_file_the_log_and_the_pixels(server, defaults, tm
         assert read_metadata(default.files[0]).get(key) != value
     if name == "num_images":
         assert len(sent.files) == 2 and [read_metadata(f)["seed"] for f in sent.files] == [5, 6]
+    if name == "return_control_image":
+        assert len(sent.files) == 2 and len(default.files) == 1
+        edges = np.asarray(Image.open(sent.files[1]))
+        assert set(np.unique(edges)) <= {0, 255} and (edges == 255).any()  # Canny's white edges on black
+        assert "lcm" not in Image.open(sent.files[1]).info  # no generation metadata: reproduce skips it
     if name == "output_format":
         assert Image.open(sent.files[0]).format == "WEBP" and Image.open(default.files[0]).format == "PNG"
     a, b = default.pixels(), sent.pixels()

@@ -146,7 +146,7 @@ def test_input_interface_matches_the_reviewed_snapshot() -> None:
 @pytest.mark.parametrize(
     ("old", "new", "construct"),
     [
-        ("image: Optional[Path]", "image: Dict[str, str]", "Dict[str, str]"),
+        (" image: Optional[Path]", " image: Dict[str, str]", "Dict[str, str]"),  # not control_image
         ("prompt: str", "prompt: Secret", "Secret"),
         ("seed: Optional[int]", "seed: int | None", "int | None"),
         (") -> List[Path]:", ") -> Iterator[Path]:", "Iterator[Path]"),

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import inspect
 
 import numpy as np
 import pytest
@@ -10,25 +11,25 @@ from PIL import Image
 
 from lcm.cli import main as cli_main
 
-ARGS = dict(
-    image=None,
-    mask=None,
-    prompt_strength=0.8,
-    clip_skip=0,
-    output_format="png",
-    output_quality=90,
-    disable_safety_checker=False,
-    fast_decode=False,
-    prompt="a lighthouse",
-    width=256,
-    height=256,
-    num_images=2,
-    num_inference_steps=2,
-    guidance_scale=8.0,
-    lcm_origin_steps=50,
-    seed=99,
-    lora_scale=1.0,
-)
+
+def declared_defaults() -> dict:
+    """Every predict() input at the default its cog.Input declares: called directly, predict() gets
+    the Input objects themselves for whatever is left out, as Cog never passes them."""
+    import predict
+
+    parameters = list(inspect.signature(predict.Predictor.predict).parameters.values())[1:]
+    return {p.name: p.default.default for p in parameters}
+
+
+ARGS = {
+    **declared_defaults(),
+    "prompt": "a lighthouse",
+    "width": 256,
+    "height": 256,
+    "num_images": 2,
+    "num_inference_steps": 2,
+    "seed": 99,
+}
 
 
 def run(predictor, **inputs):

@@ -38,7 +38,13 @@ GOLDEN_SHA256 = {
 }
 
 # Parameter counts of the real model, in millions, from the shared README.
-FULL_PARAMS_M = {"unet": 859.6, "text_encoder": 123.1, "vae": 83.7, "safety_checker": 304.0}
+FULL_PARAMS_M = {
+    "unet": 859.6,
+    "text_encoder": 123.1,
+    "vae": 83.7,
+    "safety_checker": 304.0,
+    "controlnet-canny": 361.3,
+}
 
 # Files the tiny checkpoint takes verbatim from the real one.
 TINY_VERBATIM = (

@@ -15,6 +15,7 @@ from transformers import CLIPTokenizer
 
 from lcm.errors import WeightsError
 from lcm.weights import (
+    CONTROLNET_FILES,
     DEFAULT_WEIGHTS_DIR,
     MANIFEST_NAME,
     REQUIRED_FILES,
@@ -391,6 +392,21 @@ def script():
 
 
 TAESD_REMOTE = ("config.json", "diffusion_pytorch_model.safetensors")
+CONTROLNET_REPO = "lllyasviel/control_v11p_sd15_canny"
+# The ControlNet repo's weights as it holds them: fp32 and fp16, each as safetensors and as a pickle.
+CONTROLNET_LISTING = (
+    "config.json",
+    "diffusion_pytorch_model.bin",
+    "diffusion_pytorch_model.fp16.bin",
+    "diffusion_pytorch_model.fp16.safetensors",
+    "diffusion_pytorch_model.safetensors",
+)
+CONTROLNET_FETCHED = [
+    f"{CONTROLNET_REPO}/config.json",
+    f"{CONTROLNET_REPO}/diffusion_pytorch_model.fp16.safetensors",
+]
+OPTIONAL_FETCHED = [*(f"madebyollin/taesd/{n}" for n in TAESD_REMOTE), *CONTROLNET_FETCHED]
+OPTIONAL_LOCAL = {*(f"taesd/{n}" for n in TAESD_REMOTE), *CONTROLNET_FILES}
 
 
 def test_taesd_is_optional_a_failed_fetch_only_warns(tmp_path, script, hub, load_checks, capsys):
@@ -398,6 +414,30 @@ def test_taesd_is_optional_a_failed_fetch_only_warns(tmp_path, script, hub, load
     assert script.main(["--dir", str(tmp_path / "weights")]) == 0
     assert not (tmp_path / "weights" / "taesd").exists()
     assert "could not fetch madebyollin/taesd" in capsys.readouterr().err
+
+
+def test_the_controlnet_is_optional_a_failed_fetch_only_warns(tmp_path, script, hub, load_checks, capsys):
+    shutil.rmtree(tmp_path / CONTROLNET_REPO)
+    target = tmp_path / "weights"
+    assert script.main(["--dir", str(target)]) == 0
+    assert not (target / "controlnet-canny").exists()
+    assert f"could not fetch {CONTROLNET_REPO}" in capsys.readouterr().err
+    verify_weights(target)
+
+
+def test_a_later_run_fetches_a_missing_controlnet_and_the_manifest_covers_it(
+    tmp_path, script, hub, load_checks
+):
+    target = tmp_path / "weights"
+    assert script.main(["--dir", str(target)]) == 0
+    shutil.rmtree(target / "controlnet-canny")
+    hub.downloaded.clear()
+    assert script.main(["--dir", str(target)]) == 0
+    assert hub.downloaded == CONTROLNET_FETCHED
+    verify_weights(target)
+    (target / CONTROLNET_FILES[1]).write_text("controlnet file diffusion_pytorch_model.fp16.safetensorX\n")
+    with pytest.raises(WeightsError, match="controlnet-canny/diffusion_pytorch_model.safetensors: sha256"):
+        verify_weights(target)
 
 
 class FakeHub:
@@ -412,8 +452,8 @@ class FakeHub:
         return self
 
     def list_repo_files(self, repo_id: str, *, revision: str | None = None) -> list[str]:
-        assert repo_id == REPO
-        return sorted(str(p.relative_to(self.root)) for p in self.root.rglob("*") if p.is_file())
+        folder = self.root if repo_id == REPO else self.root.parent / repo_id
+        return sorted(str(p.relative_to(folder)) for p in folder.rglob("*") if p.is_file())
 
     def hf_hub_download(self, repo_id: str, filename: str, *, revision: str | None = None, local_dir) -> str:
         if self.fail_after is not None and len(self.downloaded) >= self.fail_after:
@@ -435,6 +475,9 @@ def hub(tmp_path, script, monkeypatch):
     for name in TAESD_REMOTE:
         (tmp_path / "madebyollin" / "taesd" / name).parent.mkdir(parents=True, exist_ok=True)
         (tmp_path / "madebyollin" / "taesd" / name).write_text(f"taesd file {name}\n")
+    for name in CONTROLNET_LISTING:
+        (tmp_path / CONTROLNET_REPO / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / CONTROLNET_REPO / name).write_text(f"controlnet file {name}\n")
     fake = FakeHub(root)
     monkeypatch.setattr(script, "HfApi", fake.api)
     monkeypatch.setattr(script, "hf_hub_download", fake.hf_hub_download)
@@ -451,12 +494,15 @@ def load_checks(script, monkeypatch) -> list[Path]:
 def test_download_fills_the_layout_then_downloads_nothing(tmp_path, script, hub, load_checks, capsys):
     target = tmp_path / "weights"
     assert script.main(["--dir", str(target)]) == 0
-    assert sorted(hub.downloaded) == sorted(
-        [*EXPECTED_SELECTION, *(f"madebyollin/taesd/{n}" for n in TAESD_REMOTE)]
-    )
+    assert sorted(hub.downloaded) == sorted([*EXPECTED_SELECTION, *OPTIONAL_FETCHED])
     files = {str(p.relative_to(target)) for p in target.rglob("*") if p.is_file()}
-    assert files == set(REQUIRED_FILES) | {MANIFEST_NAME} | {f"taesd/{n}" for n in TAESD_REMOTE}
+    assert files == set(REQUIRED_FILES) | {MANIFEST_NAME} | OPTIONAL_LOCAL
     assert (target / "taesd" / "config.json").read_text() == "taesd file config.json\n"
+    weights = target / CONTROLNET_FILES[1]
+    assert weights.read_text() == "controlnet file diffusion_pytorch_model.fp16.safetensors\n"
+    assert (
+        set(json.loads((target / MANIFEST_NAME).read_text())["files"]) == set(REQUIRED_FILES) | OPTIONAL_LOCAL
+    )
     for remote, local in EXPECTED_SELECTION.items():
         assert (target / local).read_text() == f"hub file {remote}\n"
     assert load_checks == [target]
@@ -505,9 +551,7 @@ def test_download_replaces_a_checkpoint_from_another_source(tmp_path, script, hu
     (target / "synthetic.json").write_text("{}\n")
     write_manifest(target, source="synthetic")
     assert script.main(["--dir", str(target)]) == 0
-    assert sorted(hub.downloaded) == sorted(
-        [*EXPECTED_SELECTION, *(f"madebyollin/taesd/{n}" for n in TAESD_REMOTE)]
-    )
+    assert sorted(hub.downloaded) == sorted([*EXPECTED_SELECTION, *OPTIONAL_FETCHED])
     assert (target / "taesd" / "config.json").read_text() == "taesd file config.json\n"
     assert not (target / "synthetic.json").exists()
     assert (target / UNET).read_text() == "hub file unet/diffusion_pytorch_model.fp16.safetensors\n"
