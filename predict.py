@@ -64,7 +64,7 @@ class Predictor(BasePredictor):
     async def predict(
         self,
         prompt: str = Input(
-            description="Text describing the image. Longer than 75 CLIP tokens: encoded in 75-token windows (at most 600 tokens).",
+            description="Text describing the image. Longer than 75 CLIP tokens: encoded in 75-token windows (at most 600 tokens). Compel's weighting syntax applies: word+ and word- (x1.1 and x0.9 per sign), (a phrase)1.3, .blend() and .and() (README); A1111's (a phrase:1.3) is read as (a phrase)1.3.",
             default=DEFAULT_PROMPT,
         ),
         image: Optional[Path] = Input(
@@ -128,6 +128,10 @@ class Predictor(BasePredictor):
             default=0,
             ge=0,
             le=11,
+        ),
+        freeu: bool = Input(
+            description="FreeU: in the UNet's decoder, scale the backbone features up and the skip features down (b1 1.5, b2 1.6, s1 0.9, s2 0.2: the values for SD v1-5 in diffusers' FreeU guide); no extra UNet pass. Default false.",
+            default=False,
         ),
         output_format: str = Input(
             description="File format: png (lossless), webp or jpg. Default png.",

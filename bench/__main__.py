@@ -75,6 +75,17 @@ def parser() -> argparse.ArgumentParser:
         "StableDiffusionControlNetPipeline on the same components (the weights need controlnet-canny/)",
     )
     p.add_argument(
+        "--freeu",
+        action="store_true",
+        help="both methods run FreeU: predict's freeu, and the reference's enable_freeu at the same scales",
+    )
+    p.add_argument(
+        "--prompt",
+        default=None,
+        help="the prompt of both methods (default: predict's). In Compel's weighting syntax, the reference "
+        "is given compel's embeddings (CompelForSD) as prompt_embeds, timed as its text stage",
+    )
+    p.add_argument(
         "--clients",
         type=_positive,
         default=None,

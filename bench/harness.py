@@ -29,6 +29,7 @@ from typing import Any, Optional, Protocol, Sequence
 
 import numpy as np
 import torch
+from compel import CompelForSD
 from diffusers import (
     ControlNetModel,
     LatentConsistencyModelPipeline,
@@ -44,7 +45,8 @@ import predict
 from bench import DEFAULT_WEIGHTS, report
 from bench.memory import MemoryWatch, Usage, release
 from bench.results import SEED, Output, Result, Run, Settings
-from lcm import allocator, control, images
+from lcm import allocator, control, images, prompts
+from lcm.engine import FREEU
 from lcm.errors import LCMError
 from lcm.loading import CONTROLNET_DIR, DEVICE_ENV, pick_device
 from lcm.params import DEFAULT_PROMPT, SPECS, Request
@@ -249,6 +251,7 @@ def predict_inputs(settings: Settings) -> dict[str, Any]:
         "seed": settings.seed,
         "fast_decode": settings.fast_decode,
         **({"prompt_strength": INPAINT_STRENGTH} if settings.mode == "inpaint" else {}),
+        "freeu": settings.freeu,
     }
 
 
@@ -293,6 +296,8 @@ class Reference:
         wrap(pipe.vae, "decode", "vae")
         wrap(pipe, "run_safety_checker", "safety")
         wrap(pipe.image_processor, "postprocess", "postprocess")
+        if self.settings.freeu:
+            pipe.enable_freeu(**FREEU)
         self.pipe = pipe
         self.out_dir = Path(tempfile.mkdtemp(prefix="lcm-bench-reference-"))
 
@@ -324,8 +329,12 @@ class Reference:
             mode = {"image": self.edges}
         else:
             mode = {"original_inference_steps": ORIGIN_STEPS}
+        text: dict[str, Any] = {"prompt": s.prompt}
+        if prompts.weighting(s.prompt) is not None:
+            with self.recorder.stage("text"):
+                text = {"prompt_embeds": CompelForSD(self.pipe)(prompts.compel_text(s.prompt)).embeds}
         result = self.pipe(
-            s.prompt,
+            **text,
             height=s.size,
             width=s.size,
             num_inference_steps=s.steps,
@@ -447,8 +456,12 @@ def _say(message: str) -> None:
 def resolve(args: argparse.Namespace) -> Settings:
     """Defaults that need torch or the disk; the request is validated by the project's own rules first."""
     device = pick_device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if args.clients is not None and (args.freeu or args.prompt is not None):
+        raise LCMError("--freeu and --prompt compare one request with the reference: not with --clients")
+    prompt = DEFAULT_PROMPT if args.prompt is None else args.prompt
     Request.build(
-        DEFAULT_PROMPT,
+        prompt,
+        freeu=args.freeu,
         width=args.size,
         height=args.size,
         num_images=args.batch,
@@ -480,8 +493,10 @@ def resolve(args: argparse.Namespace) -> Settings:
         check_weights(weights),
         runs,
         args.warmup,
+        prompt=prompt,
         fast_decode=args.fast_decode,
         mode=args.mode,
+        freeu=args.freeu,
     )
 
 

@@ -17,6 +17,7 @@ import transformers
 
 from bench.memory import GIB
 from bench.results import OTHER, Result, Settings
+from lcm.engine import FREEU
 
 ROOT = Path(__file__).resolve().parent.parent
 # Instruction-set extensions that decide which CPU optimisations can pay off (bf16 and AMX above all).
@@ -112,9 +113,11 @@ def _stage_order(ours: list[str], reference: list[str]) -> list[str]:
 def table(settings: Settings, ours: Result, reference: Result) -> str:
     """One Markdown table, methods as columns, then the notes that qualify it."""
     pairs = [r.seconds / o.seconds for o, r in zip(ours.timed, reference.timed, strict=True)]
+    freeu = f"on ({', '.join(f'{k} {v}' for k, v in FREEU.items())})" if settings.freeu else "off"
     rows: list[tuple[str, str, str, str]] = [
         ("safety checker", ours.safety_checker, reference.safety_checker, ""),
         ("decoder", "TAESD (fast_decode)" if settings.fast_decode else "VAE", "VAE", ""),
+        ("FreeU", freeu, freeu, ""),
         ("dtype", ours.dtype, reference.dtype, ""),
         ("speed settings", ours.speed, reference.speed, ""),
         (

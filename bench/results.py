@@ -32,6 +32,7 @@ class Settings:
     seed: int = SEED
     fast_decode: bool = False  # ours decodes with TAESD; the reference keeps its full VAE
     mode: str = "txt2img"  # or "inpaint": an input image and mask (MODES)
+    freeu: bool = False  # both methods
 
     @property
     def seeds(self) -> list[int]:

@@ -38,11 +38,12 @@ def shape_key(request: Request, windows: int) -> Hashable:
 
     Size, steps and origin steps (hence timesteps), image to image with its strength (the
     timesteps it keeps), inpainting or not (a mask blends every step; each row keeps its own
-    mask and image latents), the decoder, the prompt's 77-token window count (the length of the
-    cross-attention's context), the LoRA's scale (one per UNet pass), and with a control image the
-    ControlNet's residual schedule (scale, start, end). Prompts, seeds, guidance, clip skip, safety,
-    format, quality, control images and their Canny thresholds are per request: they ride along as
-    rows or are applied per request afterwards.
+    mask and image latents), the decoder, FreeU (it changes the UNet itself), the prompt
+    embedding's 77-token window count (the length of the cross-attention's context; a weighted
+    prompt's counts its text without the syntax), the LoRA's scale (one per UNet pass), and with a
+    control image the ControlNet's residual schedule (scale, start, end). Prompts (weighted or
+    not), seeds, guidance, clip skip, safety, format, quality, control images and their Canny
+    thresholds are per request: they ride along as rows or are applied per request afterwards.
     """
     r = request
     strength = r.prompt_strength if r.image is not None else None
@@ -60,6 +61,7 @@ def shape_key(request: Request, windows: int) -> Hashable:
         strength,
         inpaint,
         r.fast_decode,
+        r.freeu,
         windows,
         r.lora_scale,
         guide,

@@ -70,7 +70,7 @@ class CompiledForShapes:
     """A module method compiled for the signatures seen before `seal()`; every other call runs eagerly.
 
     Only the engine thread calls it. `eager_calls` counts the eager calls since the engine last
-    reset it, for the request's log line.
+    reset it, for the request's log line; `eager_only` runs every call eagerly.
     """
 
     def __init__(self, name: str, module: torch.nn.Module, method: str, mode: Optional[str]) -> None:
@@ -80,8 +80,12 @@ class CompiledForShapes:
         self.signatures: set[tuple[Any, ...]] = set()
         self.sealed = False
         self.eager_calls = 0
+        self.eager_only = False  # set by the engine for a batch the compiled graphs do not cover (FreeU)
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        if self.eager_only:
+            self.eager_calls += 1
+            return self.eager(*args, **kwargs)
         key = signature(args, kwargs)
         if not self.sealed:
             self.signatures.add(key)

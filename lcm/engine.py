@@ -32,6 +32,10 @@ from lcm.worker import CancelFlag, Cancelled, EngineThread, Job
 
 StepCallback = Callable[[int, torch.Tensor], None]
 WARM_UP_PROMPT = "warm-up"
+# FreeU's scales for Stable Diffusion v1-5, as diffusers' documentation passes them to enable_freeu
+# ("FreeU" in its image-quality guide, which takes each model's values from the authors' repository,
+# github.com/ChenyangSi/FreeU).
+FREEU = {"s1": 0.9, "s2": 0.2, "b1": 1.5, "b2": 1.6}
 
 log = logging.getLogger("lcm")
 
@@ -48,6 +52,7 @@ class Generation:
     eager: Optional[list[str]] = None  # with compile on: the compiled modules this request ran eagerly
     batch: tuple[int, int] = (1, 1)  # the batch it ran in: requests, images (generate_batch sets it)
     edges: Optional[Image.Image] = None  # the canny edge map the ControlNet was given, with a control image
+    weighted: bool = False  # the prompt was encoded by compel (Compel's weighting syntax)
 
 
 @dataclass(frozen=True)
@@ -113,6 +118,9 @@ class Engine:
         self.compiled: list[compiling.CompiledForShapes] = []
         self.queue = batching.Queue()  # submitted requests, until a batch takes them
         self.lora: Optional[lora.LoadedLora] = None  # trained weights on the UNet (load's `lora`)
+        # FreeU's attributes exist from the start (None: off), so that the UNet looks the same before
+        # compile records its guards as after any FreeU request turned them off again.
+        pipe.unet.disable_freeu()
         # The same configuration however the engine was made, applied on its thread.
         self.thread.call(accel.apply, pipe, taesd, self.accel)
 
@@ -378,10 +386,14 @@ class Engine:
         owners = [k for k, n in enumerate(sizes) for _ in range(n)]  # the request of each running row
         for module in self.compiled:
             module.eager_calls = 0
+            # The compiled UNet was traced without FreeU: a FreeU batch runs it eagerly, and says so.
+            module.eager_only = requests[0].freeu and module.name == "unet"
         clock = _Clock(self.device)
         pipe, first = self.pipe, requests[0]
         embeddings = [
-            prompts.encode_prompt(pipe.tokenizer, pipe.text_encoder, r.prompt, self.device, r.clip_skip)
+            prompts.encode_prompt(
+                pipe.tokenizer, pipe.text_encoder, r.prompt, self.device, r.clip_skip, r.compel
+            )
             for r in requests
         ]
         clock.lap("text")
@@ -426,19 +438,24 @@ class Engine:
             owners[:] = [owners[i] for i in keep]
             return keep
 
-        denoised = sampler.sample(
-            pipe.unet,
-            scheduler,
-            _rows([e.embeds for e in embeddings], sizes),
-            latents,
-            [r.guidance_scale for r in requests for _ in range(r.num_images)],
-            [g for per_request in generators for g in per_request],
-            on_step,
-            planned=self.accel.planned_step,
-            prune=prune,
-            inpaint=inpaint,
-            control=guide,
-        )
+        if first.freeu:  # the whole batch: FreeU is in the shape key
+            pipe.unet.enable_freeu(**FREEU)
+        try:
+            denoised = sampler.sample(
+                pipe.unet,
+                scheduler,
+                _rows([e.embeds for e in embeddings], sizes),
+                latents,
+                [r.guidance_scale for r in requests for _ in range(r.num_images)],
+                [g for per_request in generators for g in per_request],
+                on_step,
+                planned=self.accel.planned_step,
+                prune=prune,
+                inpaint=inpaint,
+                control=guide,
+            )
+        finally:
+            pipe.unet.disable_freeu()
         kept = prune()  # flags set during the last step: decode nothing for them
         if kept is not None:
             denoised = denoised[kept]
@@ -474,6 +491,7 @@ class Engine:
                     eager,
                     batch,
                     edges[k],
+                    embedding.weighted,
                 )
                 if rows
                 else None
@@ -507,8 +525,8 @@ class Engine:
         return served.paths
 
     def _shape_key(self, item: batching.Pending) -> Any:
-        windows, _ = prompts.token_windows(self.pipe.tokenizer, item.request.prompt)
-        return batching.shape_key(item.request, len(windows))
+        windows, _ = prompts.count_windows(self.pipe.tokenizer, item.request.prompt, item.request.compel)
+        return batching.shape_key(item.request, windows)
 
     def _serve_queue(self, _flag: CancelFlag) -> None:
         """On the engine thread: the next batch from the queue (nothing if it was served already)."""
@@ -608,8 +626,8 @@ class Engine:
         stages = " ".join(f"{k}={v:.3f}s" for k, v in generation.timings.items())
         return (
             "seed=%d images=%d size=%dx%d steps=%d guidance=%.2f origin_steps=%d tokens=%d clip_skip=%d "
-            "mode=%s%s decoder=%s format=%s quality=%d flagged=%s batch=%drequests/%dimages device=%s "
-            "dtype=%s%s%s %s"
+            "weighting=%s freeu=%s mode=%s%s decoder=%s format=%s quality=%d flagged=%s "
+            "batch=%drequests/%dimages device=%s dtype=%s%s%s %s"
         ) % (
             r.seed,
             r.num_images,
@@ -620,6 +638,8 @@ class Engine:
             r.lcm_origin_steps,
             generation.num_tokens,
             r.clip_skip,
+            _weighting(generation),
+            "on" if r.freeu else "off",
             _mode(r),
             _control_note(r),
             "taesd" if r.fast_decode else "vae",
@@ -629,7 +649,7 @@ class Engine:
             *generation.batch,
             self.device,
             str(self.dtype).removeprefix("torch."),
-            _graphs(generation.eager, r.control_image is not None),
+            _graphs(generation.eager, r.control_image is not None, r.freeu),
             f" lora={self.lora.sha256[:12]}x{r.lora_scale:.2f}" if self.lora is not None else "",
             stages,
         )
@@ -653,14 +673,25 @@ def _control_note(r: Request) -> str:
     )
 
 
-def _graphs(eager: Optional[list[str]], control: bool) -> str:
+def _weighting(generation: Generation) -> str:
+    """The log line's word on how the prompt was read."""
+    if generation.weighted:
+        return "compel"
+    if not generation.request.compel:  # reproducing a file that records no weighting
+        return "off(file without prompt_weighting)"
+    return "text(nested>16)" if prompts.too_deep(generation.request.prompt) else "none"
+
+
+def _graphs(eager: Optional[list[str]], control: bool, freeu: bool) -> str:
     """The log line's note on compiled graphs: empty with compile off."""
     if eager is None:
         return ""
     if not eager:
         return " graphs=compiled"
     why = "not a size compiled in setup, see LCM_COMPILE_SIZES"
-    if control and eager == ["unet"]:  # the VAE ran compiled, so the size was compiled
+    if freeu and eager == ["unet"]:
+        why = "FreeU runs it uncompiled"
+    elif control and eager == ["unet"]:  # the VAE ran compiled, so the size was compiled
         why = "its passes with the ControlNet's residuals run eagerly"
     return f" graphs=eager({'+'.join(eager)}: {why})"
 

@@ -18,7 +18,7 @@ from typing import Any, Optional
 from PIL import Image
 
 import lcm
-from lcm import images
+from lcm import images, prompts
 from lcm.errors import InputError
 
 MIN_SIZE = 256
@@ -37,6 +37,7 @@ MAX_CLIP_SKIP = 11  # the real text encoder has 12 layers; the engine checks the
 MAX_CONTROL_SCALE = 4.0
 OUTPUT_FORMATS = tuple(images.EXTENSIONS)
 DEFAULT_PROMPT = "Self-portrait oil painting, a beautiful cyborg with golden hair, 8k"
+WEIGHTING_KEY = "prompt_weighting"  # in a file's metadata, "compel" where the prompt was weighted
 
 
 @dataclass(frozen=True)
@@ -72,6 +73,7 @@ INPUTS: tuple[Spec, ...] = (
     Spec("lcm_origin_steps", 50, int, 1, MAX_ORIGIN_STEPS, help="the teacher schedule's length"),
     Spec("seed", None, int, 0, MAX_SEED, optional=True, help="random when left out; logged"),
     Spec("clip_skip", 0, int, 0, MAX_CLIP_SKIP, help="text-encoder layers to skip from the end"),
+    Spec("freeu", False, bool, help="FreeU: rebalance the UNet's backbone and skip features (README)"),
     Spec("output_format", "png", str, choices=OUTPUT_FORMATS, help="file format"),
     Spec("output_quality", 90, int, 1, 100, help="webp and jpg quality"),
     Spec("fast_decode", False, bool, help="decode with TAESD: faster, less fine detail"),
@@ -221,8 +223,10 @@ class Request:
 
     Its fields are the inputs' names, except that `image` is the fitted picture (its file's
     hash in `image_sha256`), `mask` the fitted mask in grey levels (its file's hash in
-    `mask_sha256`), and the safety checker is named for what it does (`safety_checker`, the
-    negation of the input `disable_safety_checker`). Built only by `build`.
+    `mask_sha256`), the safety checker is named for what it does (`safety_checker`, the
+    negation of the input `disable_safety_checker`), and `compel` says whether the prompt is
+    read in Compel's weighting syntax (false only for a file made before weighting existed).
+    Built only by `build`.
     """
 
     prompt: str
@@ -244,6 +248,8 @@ class Request:
     safety_checker: bool
     fast_decode: bool
     lora_scale: float
+    freeu: bool
+    compel: bool
     control_image: Optional[Image.Image] = field(default=None, compare=False, repr=False)  # fitted too
     control_image_sha256: Optional[str] = None
     controlnet_conditioning_scale: float = SPECS["controlnet_conditioning_scale"].default
@@ -253,11 +259,17 @@ class Request:
     canny_high_threshold: int = SPECS["canny_high_threshold"].default
     return_control_image: bool = SPECS["return_control_image"].default
 
+    @property
+    def weighted(self) -> bool:
+        """Whether compel encodes the prompt: read in its syntax, and weighting something."""
+        return self.compel and prompts.weighting(self.prompt) is not None
+
     @classmethod
-    def build(cls, prompt: Any = _OMITTED, **inputs: Any) -> "Request":
+    def build(cls, prompt: Any = _OMITTED, *, compel: bool = True, **inputs: Any) -> "Request":
         """Validate every input, read the input image, resolve size and seed.
 
         Takes INPUTS' names, the prompt also first by position; any left out takes its default.
+        `compel=False` reads the prompt as plain text, as files made before weighting existed were.
 
         Raises InputError naming the first bad field. Without an image, width and height default
         to 768; with one, they follow output_size and the image is fitted to them. The control
@@ -275,6 +287,8 @@ class Request:
                 v[spec.name] = check(spec, v[spec.name], steps, f" (at least num_inference_steps={steps})")
             else:
                 v[spec.name] = check(spec, v[spec.name])
+        if compel:
+            prompts.weighting(v["prompt"])  # Compel's syntax: a bad one fails here, before it is queued
         if v["seed"] is None:
             v["seed"] = random_seed()
         image, fitted, digest = v.pop("image"), None, None
@@ -327,7 +341,7 @@ class Request:
         v.update(width=width, height=height, image=fitted, image_sha256=digest)
         v.update(mask=fitted_mask, mask_sha256=mask_digest)
         v["safety_checker"] = not v.pop("disable_safety_checker")
-        return cls(**v)
+        return cls(**v, compel=compel)
 
     @property
     def seeds(self) -> list[int]:
@@ -340,7 +354,15 @@ class Request:
         The ControlNet's inputs appear only away from their defaults (from_metadata reads a missing
         one as its default); return_control_image never, as it adds a file but changes no image.
         """
-        skip = {"image", "mask", "num_images", "safety_checker", "control_image", "return_control_image"}
+        skip = {
+            "image",
+            "mask",
+            "num_images",
+            "safety_checker",
+            "compel",
+            "control_image",
+            "return_control_image",
+        }
         if self.image is None:
             skip |= {"prompt_strength", "image_sha256"}
         if self.mask is None:  # left out, so files made without a mask keep their bytes
@@ -350,7 +372,11 @@ class Request:
         if self.control_image is None:
             skip.add("control_image_sha256")
         skip |= {name for name in CONTROL_SETTINGS if getattr(self, name) == SPECS[name].default}
+        if not self.freeu:  # left out at its default, so files made without it keep their bytes
+            skip.add("freeu")
         values = {f.name: getattr(self, f.name) for f in fields(self) if f.name not in skip}
+        if self.weighted:  # only then: a file without it was read as text, made before weighting or not
+            values[WEIGHTING_KEY] = "compel"
         return {**values, "seed": seed, "model": lcm.MODEL_NAME, "version": lcm.__version__}
 
     @classmethod
@@ -364,7 +390,9 @@ class Request:
         """The one-image request a file's metadata describes; its input files must be the same files.
 
         The file holds the inputs under their own names (see `metadata`); the safety checker is
-        not among them, so the regenerated request runs it by default.
+        not among them, so the regenerated request runs it by default. A file's prompt is read in
+        Compel's syntax only where the file says it was: a file made before weighting existed, whose
+        prompt happens to contain that syntax, comes back as it was made.
         """
         wanted = _same_file("image", "input image", image, meta.get("image_sha256"))
         wanted_mask = _same_file("mask", "mask", mask, meta.get("mask_sha256"))
@@ -375,11 +403,13 @@ class Request:
         stored = {
             spec.name: meta[spec.name] for spec in INPUTS if spec.name in meta and spec.name not in files
         }
+        compel = meta.get(WEIGHTING_KEY) == "compel"
         return cls.build(
             **stored,
             image=image if wanted else None,
             mask=mask if wanted_mask else None,
             control_image=control_image if wanted_control else None,
+            compel=compel,
         )
 
 

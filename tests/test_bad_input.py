@@ -249,6 +249,42 @@ CASES = [
     pytest.param({**BASE, "prompt": None}, refused("prompt", "null"), id="prompt-null"),
     # Path-like prompts are just text; test_security checks where the files go.
     pytest.param({**BASE, "prompt": "../../etc/passwd"}, ok(), id="prompt-path-like"),
+    # --- prompt weighting (Compel's syntax) -----------------------------------------------------------
+    # Parentheses, hyphens and quotes that weight nothing are text, encoded as written.
+    pytest.param({**BASE, "prompt": 'a (photo) of a well-known "cat"'}, ok(), id="prompt-plain-parentheses"),
+    # Weighted, A1111's spelling included: served, and the file keeps the prompt as sent.
+    pytest.param({**BASE, "prompt": "a (photo:1.2) of a cat++"}, ok(), id="prompt-weighted"),
+    # A .blend() with fewer weights than prompts: compel's own reason, naming the prompt.
+    pytest.param(
+        {**BASE, "prompt": '("a cat", "a dog").blend(1)'},
+        failed("prompt", "Compel's weighting syntax", "mismatched prompts/weights"),
+        id="prompt-blend-missing-weight",
+    ),
+    # A .blend() that is not the whole prompt.
+    pytest.param(
+        {**BASE, "prompt": '("a cat", "a dog").blend(0.5, 0.5), in a garden'},
+        failed("prompt", "whole prompt"),
+        id="prompt-blend-inside-text",
+    ),
+    # Weights that sum to 0 would divide by zero.
+    pytest.param(
+        {**BASE, "prompt": '("a cat", "a dog").blend(0, 0)'},
+        failed("prompt", "non-zero sum"),
+        id="prompt-blend-0",
+    ),
+    # compel parses these, but LCM has no cross-attention control and this service no LoRAs.
+    pytest.param({**BASE, "prompt": "a cat.swap(dog)"}, failed("prompt", "no .swap()"), id="prompt-swap"),
+    pytest.param(
+        {**BASE, "prompt": "withLora(style, 0.8) a cat"}, failed("prompt", "no withLora()"), id="prompt-lora"
+    ),
+    # compel's parser recurses per parenthesis: deeper than 16, the prompt is text, as it was before.
+    pytest.param({**BASE, "prompt": "(" * 100 + "a cat"}, ok(), id="prompt-nested-100"),
+    # Each prompt of an .and() is a window of its own: nine exceed the eight windows.
+    pytest.param(
+        {**BASE, "prompt": '("a", "b", "c", "d", "e", "f", "g", "h", "i").and()'},
+        failed("prompt", "at most 8 windows"),
+        id="prompt-and-9-windows",
+    ),
     # --- seeds ----------------------------------------------------------------------------------
     pytest.param({**BASE, "seed": -1}, refused("seed", "minimum of 0"), id="seed-negative"),
     pytest.param({**BASE, "seed": 2**32}, refused("seed", "maximum of 4294967295"), id="seed-2^32"),
@@ -279,6 +315,15 @@ CASES = [
         {**BASE, "disable_safety_checker": "yes"},
         refused("disable_safety_checker", "boolean"),
         id="bool-string",
+    ),
+    pytest.param({**BASE, "freeu": "yes"}, refused("freeu", "boolean"), id="freeu-string"),
+    pytest.param({**BASE, "freeu": 1}, refused("freeu", "boolean"), id="freeu-number"),
+    # FreeU changes the UNet, so it works with an input image and a mask too, and with a weighted prompt.
+    pytest.param(image_input(data_url(VALID_PNG), freeu=True), ok(), id="freeu-img2img"),
+    pytest.param(
+        image_input(data_url(VALID_PNG), mask=data_url(VALID_PNG), freeu=True, prompt="a (red:1.3) cat++"),
+        ok(),
+        id="freeu-inpaint-weighted",
     ),
     # --- unknown fields and malformed bodies ------------------------------------------------------
     # Cog drops fields the schema does not list: the request works as if they were absent.

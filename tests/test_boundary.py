@@ -107,6 +107,7 @@ ROWS: dict[str, Row] = {
     "lcm_origin_steps": Row(30, "origin_steps=30"),
     "seed": Row(6, "seed=6"),
     "clip_skip": Row(1, "clip_skip=1"),
+    "freeu": Row(True, "freeu=on"),
     "output_format": Row("webp", "format=webp"),
     # PNG is lossless, so quality shows only in a lossy format (test_metadata: not in PNG bytes).
     "output_quality": Row(50, "quality=50", with_={"output_format": "jpg"}),
@@ -205,6 +206,17 @@ def test_each_input_reaches_the_file_the_log_and_the_pixels(server, defaults, tm
     a, b = default.pixels(), sent.pixels()
     differ = a.shape != b.shape or int(np.abs(a.astype(np.int16) - b.astype(np.int16)).max())
     assert differ if row.pixels == "differ" else differ <= {"same": 0, "batch": 1}[row.pixels], differ
+
+
+def test_a_weighted_prompt_changes_the_pixels_and_the_file_keeps_it_as_sent(server, defaults, tmp_path):
+    """Compel's syntax (with A1111's spelling) reaches the encoder: the pixels move, the log says so,
+    and the file holds the prompt as the user wrote it, for reproduce to read the same way."""
+    prompt = BASE["prompt"].replace("cat", "(cat:1.3)") + "++"
+    sent = predict(server, tmp_path / "weighted", **{**BASE, "prompt": prompt})
+    default = defaults({})
+    assert "weighting=compel" in sent.logs and "weighting=none" in default.logs, sent.logs
+    assert read_metadata(sent.files[0])["prompt"] == prompt
+    assert not np.array_equal(sent.pixels(), default.pixels())
 
 
 def _reproduce(file: Path, weights: Path, out: Path, image: Optional[Path] = None) -> bytes:

@@ -77,6 +77,8 @@ def test_after_setup_no_request_compiles_and_every_request_matches_eager(
         ("another size", request(width=SIZE + 8), ["unet", "vae"]),
         ("a prompt of two token windows", request(prompt="a photo of a cat " * 20), ["unet"]),
         ("two images", request(num_images=2), ["unet"]),  # the CPU decodes one image at a time
+        ("FreeU, traced without it", request(freeu=True), ["unet"]),
+        ("the compiled size again, after FreeU", request(), []),
     ]
     with caplog.at_level(logging.INFO, logger="lcm"):
         for name, req, eager in cases:
@@ -88,6 +90,9 @@ def test_after_setup_no_request_compiles_and_every_request_matches_eager(
     with caplog.at_level(logging.INFO, logger="lcm"):
         compiled.generate_files(request(width=SIZE + 8), compiled.weights_dir.parent / "compile-out")
     assert "graphs=eager(unet+vae: not a size compiled in setup, see LCM_COMPILE_SIZES)" in caplog.text
+    with caplog.at_level(logging.INFO, logger="lcm"):
+        compiled.generate_files(request(freeu=True), compiled.weights_dir.parent / "compile-freeu")
+    assert "freeu=on" in caplog.text and "graphs=eager(unet: FreeU runs it uncompiled)" in caplog.text
 
 
 LOAD_AND_COMPILE = """
