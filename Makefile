@@ -79,8 +79,9 @@ serve: schema
 # which cog needs and the image lacks, and psutil and PyYAML, which accelerate needs and the image
 # probably has (1 MB together, so not left to chance), into .whl/ (git- and docker-ignored). The
 # image's own huggingface_hub, tokenizers, safetensors, Pillow, numpy and packaging satisfy the rest
-# (bench/README.md).
-DEVICE_PINS := diffusers transformers accelerate cog coglet structlog psutil pyyaml
+# (bench/README.md). Of the control, weighting and fine-tuning libraries the image has OpenCV (50 MB of
+# wheel, past the 64 MiB a run carries with the rest), peft and pyparsing, not compel: compel is carried.
+DEVICE_PINS := diffusers transformers accelerate cog coglet structlog psutil pyyaml compel
 device-wheels: venv
 	rm -rf .whl
 	$(PY) -m pip download -q --no-deps --only-binary=:all: -d .whl \
