@@ -10,34 +10,16 @@ import sys
 from cogserver import ROOT
 
 
+def _bench(weights, *extra: str) -> str:
+    """`python -m bench` on the CPU at 256 px, 2 steps, one run and no warm-up: its standard output."""
+    command = [sys.executable, "-m", "bench", "--device", "cpu", "--size", "256", "--steps", "2"]
+    command += ["--runs", "1", "--warmup", "0", "--weights", str(weights), *extra]
+    return subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=300, check=True).stdout
+
+
 def test_bench_runs_and_ends_with_the_speedup_line(tiny_checkpoint, tmp_path):
     results = tmp_path / "RESULTS.md"
-    out = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "bench",
-            "--device",
-            "cpu",
-            "--size",
-            "256",
-            "--steps",
-            "2",
-            "--runs",
-            "1",
-            "--warmup",
-            "0",
-            "--weights",
-            str(tiny_checkpoint),
-            "--record",
-            str(results),
-        ],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=300,
-        check=True,
-    ).stdout
+    out = _bench(tiny_checkpoint, "--record", str(results))
     last = out.strip().splitlines()[-1]
     assert re.fullmatch(r"speedup_vs_reference=\d+\.\d+", last), last
     assert "| decoder | VAE | VAE |" in out
@@ -78,15 +60,7 @@ def test_serving_mode_drives_the_real_server_and_ends_with_its_speedup_line(tiny
 
 
 def test_bench_times_inpainting_against_diffusers_inpainting_pipeline(tiny_checkpoint):
-    out = subprocess.run(
-        [sys.executable, "-m", "bench", "--device", "cpu", "--size", "256", "--steps", "2", "--runs", "1"]
-        + ["--warmup", "0", "--weights", str(tiny_checkpoint), "--mode", "inpaint"],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=300,
-        check=True,
-    ).stdout
+    out = _bench(tiny_checkpoint, "--mode", "inpaint")
     assert "request: inpaint, 256x256" in out
     # At strength 1 both take the same timesteps: predict() equals StableDiffusionInpaintPipeline.
     difference = re.search(r"max pixel difference, ours vs reference\W+(\d+)/255", out)
@@ -95,15 +69,7 @@ def test_bench_times_inpainting_against_diffusers_inpainting_pipeline(tiny_check
 
 
 def test_bench_times_the_controlnet_against_diffusers_controlnet_pipeline(tiny_checkpoint):
-    out = subprocess.run(
-        [sys.executable, "-m", "bench", "--device", "cpu", "--size", "256", "--steps", "2", "--runs", "1"]
-        + ["--warmup", "0", "--weights", str(tiny_checkpoint), "--mode", "controlnet"],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=300,
-        check=True,
-    ).stdout
+    out = _bench(tiny_checkpoint, "--mode", "controlnet")
     assert "request: controlnet, 256x256" in out
     assert re.search(r"of a step: ControlNet forward s, median \| \d+\.\d+ \| \d+\.\d+", out), out
     # The same edge map, seeds and LCM scheduler: predict() equals StableDiffusionControlNetPipeline.

@@ -16,6 +16,7 @@ from lcm.cli import main as cli_main
 from lcm.errors import InputError, LCMError
 from lcm.metadata import read_metadata
 from lcm.params import MAX_SEED, Request
+from reference import cut_text_encoder
 
 
 def max_diff(a: np.ndarray, b: np.ndarray) -> int:
@@ -133,17 +134,8 @@ def test_too_long_prompt_is_refused_with_counts(engine):
 
 @pytest.mark.parametrize("clip_skip", [1, 2])
 def test_clip_skip_uses_the_output_of_layer_L_minus_k(engine, clip_skip):
-    """Reference: the same text encoder cut to L - k layers, fed to diffusers' pipeline as prompt_embeds.
-
-    (diffusers 0.42's own clip_skip path fails with transformers 5, whose CLIPTextModel has no .text_model.)
-    """
-    encoder = engine.pipe.text_encoder
-    config = encoder.config.__class__.from_dict(
-        {**encoder.config.to_dict(), "num_hidden_layers": encoder.config.num_hidden_layers - clip_skip}
-    )
-    cut = encoder.__class__(config).eval()
-    missing, _ = cut.load_state_dict(encoder.state_dict(), strict=False)
-    assert missing == []
+    """Reference: the same text encoder cut to L - k layers, fed to diffusers' pipeline as prompt_embeds."""
+    cut = cut_text_encoder(engine.pipe.text_encoder, clip_skip)
     ids = engine.pipe.tokenizer("a photo of a cat", padding="max_length", max_length=77, return_tensors="pt")
     with torch.no_grad():
         embeds = cut(ids.input_ids)[0]

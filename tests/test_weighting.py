@@ -20,6 +20,7 @@ from lcm.errors import InputError
 from lcm.metadata import read_metadata
 from lcm.params import Request
 from lcm.worker import CancelFlag
+from reference import cut_text_encoder
 
 CPU = torch.device("cpu")
 CAT = "a photo of a cat"
@@ -173,25 +174,13 @@ def test_weighting_a_word_changes_the_image(engine):
     assert max_diff(ours(engine, prompt=f"{CAT}++"), ours(engine, prompt=f"{CAT}--")) > 0
 
 
-def _cut_encoder(engine, clip_skip: int):
-    """The text encoder cut to L - clip_skip layers: its last layer's output is clip_skip's layer."""
-    encoder = engine.pipe.text_encoder
-    config = encoder.config.__class__.from_dict(
-        {**encoder.config.to_dict(), "num_hidden_layers": encoder.config.num_hidden_layers - clip_skip}
-    )
-    cut = encoder.__class__(config).eval()
-    missing, _ = cut.load_state_dict(encoder.state_dict(), strict=False)
-    assert missing == []
-    return cut
-
-
 @pytest.mark.parametrize("clip_skip", [1, 3])
 def test_clip_skip_applies_to_weighted_prompts(engine, clip_skip):
     """Reference: compel over the encoder cut to L - k layers (compel itself knows only the last two)."""
     prompt = f"a photo of a (cat)1.4, ({CAT}, a red fox).blend(0.6, 0.4)"
     compel = Compel(
         tokenizer=engine.pipe.tokenizer,
-        text_encoder=_cut_encoder(engine, clip_skip),
+        text_encoder=cut_text_encoder(engine.pipe.text_encoder, clip_skip),
         truncate_long_prompts=False,
     )
     with torch.no_grad():
