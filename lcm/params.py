@@ -133,6 +133,8 @@ CONTROL_SETTINGS = (
     "canny_high_threshold",
     "return_control_image",
 )
+# Inputs a file records only away from their defaults (see Request.metadata).
+OPTIONAL_IN_FILES = ("lora_scale", "freeu", *CONTROL_SETTINGS)
 SPECS = {spec.name: spec for spec in INPUTS}
 _OMITTED = object()
 DEFAULT_STRENGTH = SPECS["prompt_strength"].default
@@ -351,29 +353,17 @@ class Request:
     def metadata(self, seed: int) -> dict[str, Any]:
         """What a file needs to be regenerated alone: this request with one image and its own seed.
 
-        The ControlNet's inputs appear only away from their defaults (from_metadata reads a missing
-        one as its default); return_control_image never, as it adds a file but changes no image.
+        Inputs added after files were first written (OPTIONAL_IN_FILES) appear only away from their
+        defaults, and the new files' hashes only with their files, so every file made without them
+        keeps its bytes (from_metadata reads a missing one as its default). return_control_image
+        never appears: it adds a file but changes no image.
         """
-        skip = {
-            "image",
-            "mask",
-            "num_images",
-            "safety_checker",
-            "compel",
-            "control_image",
-            "return_control_image",
-        }
+        skip = {"image", "mask", "control_image", "num_images", "safety_checker", "compel"}
+        skip.add("return_control_image")
         if self.image is None:
             skip |= {"prompt_strength", "image_sha256"}
-        if self.mask is None:  # left out, so files made without a mask keep their bytes
-            skip.add("mask_sha256")
-        if self.lora_scale == SPECS["lora_scale"].default:  # left out at its default: older files unchanged
-            skip.add("lora_scale")
-        if self.control_image is None:
-            skip.add("control_image_sha256")
-        skip |= {name for name in CONTROL_SETTINGS if getattr(self, name) == SPECS[name].default}
-        if not self.freeu:  # left out at its default, so files made without it keep their bytes
-            skip.add("freeu")
+        skip |= {name for name in OPTIONAL_IN_FILES if getattr(self, name) == SPECS[name].default}
+        skip |= {name for name in ("mask_sha256", "control_image_sha256") if getattr(self, name) is None}
         values = {f.name: getattr(self, f.name) for f in fields(self) if f.name not in skip}
         if self.weighted:  # only then: a file without it was read as text, made before weighting or not
             values[WEIGHTING_KEY] = "compel"
