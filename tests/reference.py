@@ -2,7 +2,20 @@
 
 from __future__ import annotations
 
+import io
+
+import numpy as np
 import torch
+from PIL import Image
+
+
+def gradient_png() -> bytes:
+    """A smooth, photo-like 320x256 RGB gradient as a PNG: the tests' starting image."""
+    y, x = np.mgrid[0:256, 0:320]
+    pixels = np.stack([x * 255 / 319, y * 255 / 255, (x + y) * 255 / 575], axis=-1).astype(np.uint8)
+    out = io.BytesIO()
+    Image.fromarray(pixels).save(out, format="PNG")
+    return out.getvalue()
 
 
 def cut_text_encoder(encoder: torch.nn.Module, clip_skip: int) -> torch.nn.Module:

@@ -25,18 +25,10 @@ from PIL import Image
 from cogserver import ROOT
 from lcm.metadata import read_metadata
 from lcm.params import SPECS
+from reference import gradient_png
 
 BASE = {"prompt": "a photo of a cat", "seed": 5, "width": 256, "height": 256, "num_inference_steps": 2}
 FORMATS = {"PNG": "png", "WEBP": "webp", "JPEG": "jpg"}
-
-
-def _photo() -> bytes:
-    """A smooth 320x256 gradient, as a PNG: the input image the rows send as a data: URL."""
-    y, x = np.mgrid[0:256, 0:320]
-    pixels = np.stack([x * 255 / 319, y * 255 / 255, (x + y) * 255 / 575], axis=-1).astype(np.uint8)
-    out = io.BytesIO()
-    Image.fromarray(pixels).save(out, format="PNG")
-    return out.getvalue()
 
 
 def _mask() -> bytes:
@@ -57,7 +49,7 @@ def _blocks() -> bytes:
     return out.getvalue()
 
 
-PHOTO = _photo()
+PHOTO = gradient_png()
 PHOTO_URL = "data:image/png;base64," + base64.b64encode(PHOTO).decode()
 MASK = _mask()
 MASK_URL = "data:image/png;base64," + base64.b64encode(MASK).decode()

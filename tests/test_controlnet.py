@@ -26,6 +26,7 @@ from lcm.metadata import read_metadata
 from lcm.params import Request
 from lcm.synthetic import CONTROLNET_CONFIG, model_config
 from lcm.worker import CancelFlag, Job
+from reference import gradient_png
 
 PROMPT = "a photo of a cat"
 
@@ -48,10 +49,8 @@ def blocks(tmp_path_factory) -> str:
 @pytest.fixture(scope="module")
 def photo(tmp_path_factory) -> str:
     """A smooth 320x256 RGB image, the starting image for image to image."""
-    y, x = np.mgrid[0:256, 0:320]
-    pixels = np.stack([x * 255 / 319, y * 255 / 255, (x + y) * 255 / 575], axis=-1)
     path = tmp_path_factory.mktemp("control") / "photo.png"
-    Image.fromarray(pixels.astype(np.uint8)).save(path)
+    path.write_bytes(gradient_png())
     return str(path)
 
 

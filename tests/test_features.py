@@ -16,7 +16,7 @@ from lcm.cli import main as cli_main
 from lcm.errors import InputError, LCMError
 from lcm.metadata import read_metadata
 from lcm.params import MAX_SEED, Request
-from reference import cut_text_encoder
+from reference import cut_text_encoder, gradient_png
 
 
 def max_diff(a: np.ndarray, b: np.ndarray) -> int:
@@ -46,10 +46,8 @@ def reference_image(engine, replace: dict | None = None, **inputs) -> np.ndarray
 @pytest.fixture(scope="module")
 def photo(tmp_path_factory) -> str:
     """A smooth, photo-like 320x256 RGB image."""
-    y, x = np.mgrid[0:256, 0:320]
-    pixels = np.stack([x * 255 / 319, y * 255 / 255, (x + y) * 255 / 575], axis=-1)
     path = tmp_path_factory.mktemp("inputs") / "photo.png"
-    Image.fromarray(pixels.astype(np.uint8)).save(path)
+    path.write_bytes(gradient_png())
     return str(path)
 
 
