@@ -247,11 +247,6 @@ def keep_outputs_seconds() -> float:
     return seconds
 
 
-def take_download(path: object, field: str) -> None:
-    """take_downloads for one file input (`field` names it)."""
-    take_downloads({field: path})
-
-
 def take_downloads(files: dict[str, object]) -> None:
     """Refuse any file input but a file Cog downloaded from an http(s) or data: URL, and only once.
 

@@ -17,7 +17,7 @@ from cog import BaseModel, Input, Path
 
 from lcm.training import TrainingConfig, train_lora
 from lcm.worker import EngineThread
-from predict import take_download  # also makes Cog record its downloads, as for predictions
+from predict import take_downloads  # also makes Cog record its downloads, as for predictions
 
 # Literals for cog build's static parser; tests/test_training.py holds them to lcm.training.TRAIN_INPUTS.
 RESOLUTIONS = [512, 768]
@@ -102,7 +102,7 @@ async def train(
     """
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     inputs = {name: value for name, value in locals().items() if name != "input_images"}
-    take_download(input_images, "input_images")
+    take_downloads({"input_images": input_images})
     config = TrainingConfig.build(**inputs)
     log = logging.getLogger("lcm")
     log.info("training seed=%d", config.seed)
