@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import contextvars
+import functools
 import logging
 import shutil
 import tempfile
@@ -26,6 +27,21 @@ LORA_TARGETS = ["attention", "all"]
 
 class TrainingOutput(BaseModel):
     weights: Path
+
+
+@functools.cache
+def _trainer() -> EngineThread:
+    """The one thread every training runs on, one at a time, in arrival order.
+
+    cog.yaml's concurrency (8 slots, for batching predictions) applies to trainings too, and each
+    training loads its own fp32 pipeline and takes the whole device: eight at once would run out
+    of memory. A cancelled training keeps the thread until it has stopped at its next step, so the
+    next one never overlaps it.
+    """
+    return EngineThread("lcm-train")
+
+
+_queued = 0  # trainings submitted and not yet finished (all on Cog's one event loop)
 
 
 async def train(
@@ -96,10 +112,11 @@ async def train(
     """Fine-tune a LoRA with latent consistency fine-tuning and return it as one tar archive.
 
     A coroutine, as predict() is: the image's COG_MAX_CONCURRENCY (cog.yaml's concurrency) applies
-    to trainings too, and Cog refuses a sync function with more than one slot. The training runs
-    on its own thread; Cog cancels with asyncio.CancelledError at the await, which sets the
-    training's flag, and the training stops at its next step before this returns.
+    to trainings too, and Cog refuses a sync function with more than one slot. Trainings queue for
+    one thread (`_trainer`); Cog cancels with asyncio.CancelledError at the await, which sets the
+    training's flag, and the training stops at its next step (or never starts) before this returns.
     """
+    global _queued
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     inputs = {name: value for name, value in locals().items() if name != "input_images"}
     take_downloads({"input_images": input_images})
@@ -114,8 +131,12 @@ async def train(
         loop.call_soon_threadsafe(log.info, "%s", line, context=context)
 
     out_dir = Path(tempfile.mkdtemp(prefix="lcm-train-"))
-    worker = EngineThread("lcm-train")
-    job = worker.submit(lambda flag: train_lora(input_images, out_dir, config, cancel=flag, report=report))
+    if _queued:
+        log.info("waiting for %d earlier training(s) to finish", _queued)
+    job = _trainer().submit(
+        lambda flag: train_lora(input_images, out_dir, config, cancel=flag, report=report)
+    )
+    _queued += 1
     try:
         result = await job.outcome()
     except BaseException:
@@ -123,5 +144,5 @@ async def train(
         shutil.rmtree(out_dir, ignore_errors=True)
         raise
     finally:
-        worker.stop()
+        _queued -= 1
     return TrainingOutput(weights=Path(result.archive))

@@ -372,3 +372,57 @@ def test_an_archive_larger_unpacked_than_allowed_fails_from_its_headers(tmp_path
     archive = _zip(tmp_path / "a.zip", {"a.png": b"\0" * 600, "b.png": b"\0" * 600})
     with pytest.raises(InputError, match="at most 0 MB unpacked"):
         training.read_archive(archive, CAPTION, SIDE)
+
+
+def test_trainings_run_one_at_a_time_and_a_cancelled_one_ends_before_the_next(tmp_path, monkeypatch, caplog):
+    """cog.yaml's 8 slots apply to trainings: they queue for one thread, each to its end."""
+    import asyncio
+    import threading
+    import time
+    from types import SimpleNamespace
+
+    import predict
+    import train
+
+    events, first_stepping = [], threading.Event()
+
+    def fake_training(archive, out_dir, config, cancel, report):  # steps that check their flag
+        events.append(f"start {config.seed}")
+        try:
+            for _ in range(100):
+                first_stepping.set()
+                time.sleep(0.01)
+                cancel.check()
+            return SimpleNamespace(archive=Path(out_dir) / f"{config.seed}.tar")
+        finally:
+            events.append(f"end {config.seed}")
+
+    monkeypatch.setattr(train, "train_lora", fake_training)
+    caplog.set_level("INFO", logger="lcm")
+
+    def inputs(seed: int) -> dict:
+        images = tmp_path / f"{seed}.zip"
+        predict._DOWNLOADED.add(str(images))  # as Cog's download of a URL input records it
+        values = {spec.name: spec.default for spec in training.TRAIN_INPUTS}
+        return {**values, "input_images": images, "caption": CAPTION, "seed": seed}
+
+    async def three_trainings() -> list:
+        first = asyncio.create_task(train.train(**inputs(1)))
+        rest = [asyncio.create_task(train.train(**inputs(seed))) for seed in (2, 3)]
+        await asyncio.to_thread(first_stepping.wait)
+        first.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await first
+        events.append("cancelled answered")
+        return await asyncio.gather(*rest)
+
+    outputs = asyncio.run(three_trainings())
+    assert events.index("end 1") < events.index("cancelled answered")
+    events.remove("cancelled answered")
+    assert events == ["start 1", "end 1", "start 2", "end 2", "start 3", "end 3"]
+    assert [o.weights.name for o in outputs] == ["2.tar", "3.tar"]
+    waits = [r.getMessage() for r in caplog.records if r.getMessage().startswith("waiting for")]
+    assert waits == [
+        "waiting for 1 earlier training(s) to finish",
+        "waiting for 2 earlier training(s) to finish",
+    ]
