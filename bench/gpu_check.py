@@ -15,6 +15,8 @@ OUT/RESULTS.md, to be copied into bench/RESULTS.md. Steps, in order of what they
                      512x512, num_images=4, image to image, a 300-token prompt) with LCM_COMPILE=1 and
                      LCM_CUDA_GRAPHS=1, dynamo's counters before and after each request
   bench              python -m bench at 768 and at 512 batch 8, default settings
+  train              LCF training speed (python -m bench.train_speed): 20 images at 512 px, rank 16,
+                     attention LoRA, bf16 autocast, 50 steps after 5 untimed ones
   shipped-cache      setup cold (scripts/compile-cache, which also writes the cache) and with the
                      shipped cache in an empty local cache, LCM_COMPILE=1 LCM_CUDA_GRAPHS=1
   bench-compiled     python -m bench at 768 and at 512 batch 8 with LCM_COMPILE=1 LCM_CUDA_GRAPHS=1
@@ -51,6 +53,7 @@ NEEDS = {
     "precision": 60,
     "predictor-threads": 150,
     "bench": 90,
+    "train": 90,
     "shipped-cache": 150,
     "bench-compiled": 150,
 }
@@ -250,6 +253,16 @@ def step_bench(args: argparse.Namespace) -> None:
     _bench(args, {}, ["--size", "512", "--batch", "8"], "")
 
 
+def step_train(args: argparse.Namespace) -> None:
+    command = [sys.executable, "-m", "bench.train_speed", str(args.weights), "--device", args.device]
+    command += ["--resolution", "512", "--images", "20", "--steps", "50", "--warmup", "5"]
+    _say(f"$ {' '.join(command[1:])}")
+    done = subprocess.run(command, cwd=ROOT, capture_output=True, text=True)
+    _say(
+        "\n".join(line for line in done.stdout.splitlines() if "steps_per_s=" in line) or done.stderr[-2000:]
+    )
+
+
 def step_bench_compiled(args: argparse.Namespace) -> None:
     env = _compiled_env(args.device)
     _bench(args, env, ["--size", "768"], "768x768")
@@ -303,6 +316,7 @@ STEPS: dict[str, Callable[[argparse.Namespace], None]] = {
     "precision": step_precision,
     "predictor-threads": step_predictor_threads,
     "bench": step_bench,
+    "train": step_train,
     "shipped-cache": step_shipped_cache,
     "bench-compiled": step_bench_compiled,
 }

@@ -1,6 +1,9 @@
 """Training speed: LCF steps per second on a checkpoint, with a flat-colour image set made here.
 
 python -m bench.train_speed CHECKPOINT_DIR --resolution 512 --steps 20 [--images 8] [--device cuda]
+
+steps_per_s counts the steps after --warmup untimed ones (first steps allocate and autotune), from
+the time each step's progress line is written; peak_gib is the device's peak allocation (CUDA).
 """
 
 from __future__ import annotations
@@ -9,9 +12,11 @@ import argparse
 import io
 import logging
 import tempfile
+import time
 import zipfile
 from pathlib import Path
 
+import torch
 from PIL import Image
 
 from lcm import training
@@ -23,6 +28,7 @@ def main() -> None:
     parser.add_argument("--resolution", type=int, default=512, help="pixels, any multiple of 8 from 64")
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--images", type=int, default=8)
+    parser.add_argument("--warmup", type=int, default=2, help="untimed first steps")
     parser.add_argument("--rank", type=int, default=16)
     parser.add_argument("--target", default="attention", choices=list(training.LORA_TARGETS))
     parser.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: LCM_DEVICE, else CUDA)")
@@ -43,11 +49,27 @@ def main() -> None:
         lora_target=args.target,
         seed=0,
     )
-    result = training.train_lora(scratch / "set.zip", scratch / "out", config, args.checkpoint, args.device)
+    if args.warmup >= args.steps:
+        parser.error(f"--warmup {args.warmup} must be below --steps {args.steps}")
+    stamps: list[float] = []
+
+    def report(line: str) -> None:
+        stamps.append(time.perf_counter())
+        logging.getLogger("lcm").info("%s", line)
+
+    result = training.train_lora(
+        scratch / "set.zip", scratch / "out", config, args.checkpoint, args.device, report=report
+    )
+    step_stamps = stamps[-args.steps :]  # each step's line; the first line is the loading one
+    speed = result.steps_per_s
+    if args.warmup:
+        speed = (args.steps - args.warmup) / (step_stamps[-1] - step_stamps[args.warmup - 1])
+    peak_bytes = torch.cuda.max_memory_allocated() if torch.cuda.is_available() else 0
+    peak = f" peak_gib={peak_bytes / 2**30:.1f}" if peak_bytes else ""
     print(
-        f"checkpoint={args.checkpoint} resolution={args.resolution} steps={args.steps} images={args.images} "
-        f"rank={args.rank} target={args.target} steps_per_s={result.steps_per_s:.4f} "
-        f"lora_bytes={result.lora.stat().st_size}"
+        f"checkpoint={args.checkpoint} resolution={args.resolution} steps={args.steps} warmup={args.warmup} "
+        f"images={args.images} rank={args.rank} target={args.target} "
+        f"steps_per_s={speed:.4f} lora_bytes={result.lora.stat().st_size}{peak}"
     )
 
 

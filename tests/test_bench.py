@@ -76,3 +76,39 @@ def test_bench_times_the_controlnet_against_diffusers_controlnet_pipeline(tiny_c
     difference = re.search(r"max pixel difference, ours vs reference\W+(\d+)/255", out)
     assert difference is not None and int(difference.group(1)) <= 1, out
     assert re.fullmatch(r"speedup_vs_reference=\d+\.\d+", out.strip().splitlines()[-1])
+
+
+def test_train_speed_times_the_steps_after_its_warmup(tiny_checkpoint):
+    command = [sys.executable, "-m", "bench.train_speed", str(tiny_checkpoint), "--device", "cpu"]
+    command += ["--resolution", "64", "--steps", "6", "--warmup", "2", "--rank", "4", "--images", "2"]
+    done = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert re.search(r"steps=6 warmup=2 .* steps_per_s=\d+\.\d+ lora_bytes=\d+$", done.stdout), done.stdout
+
+
+def test_lcf_evidence_reports_each_prompt_before_and_after_training(tiny_checkpoint, tmp_path):
+    """The script for the real model, run for 3 steps on the tiny one (whose figures mean nothing)."""
+    results = tmp_path / "RESULTS.md"
+    command = [sys.executable, "-m", "bench.lcf_evidence", str(tiny_checkpoint), "--device", "cpu"]
+    command += [
+        "--resolution",
+        "64",
+        "--side",
+        "256",
+        "--steps",
+        "3",
+        "--other",
+        "a dog",
+        "--record",
+        str(results),
+    ]
+    done = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    rows = [line for line in done.stdout.splitlines() if line.startswith("| a ")]
+    assert [row.split(" | ")[:2] for row in rows] == [
+        ["| a photo of a cat", "trained caption"],
+        ["| a dog", "other"],
+    ]
+    last = done.stdout.strip().splitlines()[-1]
+    assert re.fullmatch(r"trained_ratio=\d+\.\d+ other_ratio=\d+\.\d+", last), last
+    assert last in results.read_text() and "python -m bench.lcf_evidence" in results.read_text()
