@@ -69,7 +69,12 @@ def weighting(prompt: str) -> Optional[Conjunction]:
         allowed = f"Compel's weighting syntax, where a .blend() or .and() is the whole prompt (README): {exc}"
         raise InputError("prompt", prompt, allowed) from None
     if conjunction.lora_weights:
-        raise InputError("prompt", prompt, "no withLora()/useLora(): this service loads no LoRA")
+        raise InputError(
+            "prompt",
+            prompt,
+            "no withLora()/useLora(): no LoRA is loaded by name "
+            "(the trained one comes with the weights; lora_scale scales it)",
+        )
     parts = conjunction.prompts
     if not parts:
         raise InputError("prompt", prompt, "some text to draw besides Compel's syntax")
