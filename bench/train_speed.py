@@ -1,4 +1,4 @@
-"""Training speed: LCF steps per second on a checkpoint, with a flat-colour image set made here.
+"""Training speed: LCF steps per second on a checkpoint, with a one-colour image set made here.
 
 python -m bench.train_speed CHECKPOINT_DIR --resolution 512 --steps 20 [--images 8] [--device cuda]
 
@@ -9,16 +9,14 @@ the time each step's progress line is written; peak_gib is the device's peak all
 from __future__ import annotations
 
 import argparse
-import io
 import logging
 import tempfile
 import time
-import zipfile
 from pathlib import Path
 
 import torch
-from PIL import Image
 
+from bench.lcf_evidence import colour_set
 from lcm import training
 
 
@@ -35,14 +33,10 @@ def main() -> None:
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     scratch = Path(tempfile.mkdtemp(prefix="train-speed-"))
-    with zipfile.ZipFile(scratch / "set.zip", "w") as zf:
-        for i in range(args.images):
-            out = io.BytesIO()
-            Image.new("RGB", (args.resolution, args.resolution), (200, 40 + i, 40)).save(out, format="PNG")
-            zf.writestr(f"{i}.png", out.getvalue())
+    colour_set(scratch / "set.zip", args.images, args.resolution)
     config = training.TrainingConfig.build(
         any_resolution=True,
-        caption="a red square",
+        caption="an orange square",
         resolution=args.resolution,
         max_train_steps=args.steps,
         lora_rank=args.rank,
