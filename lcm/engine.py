@@ -12,7 +12,7 @@ import logging
 import os
 import time
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable, Optional
 
@@ -168,9 +168,12 @@ class Engine:
         if lora_path is not None:
             if settings.fuse_qkv or settings.compile:
                 # Fused projections would bypass the LoRA on to_q/to_k/to_v; a compiled UNet would
-                # recompile for every lora_scale: neither is done with a LoRA.
-                raise LCMError(
-                    "trained weights (a LoRA) are served without LCM_FUSE_QKV and LCM_COMPILE: unset them"
+                # recompile for every lora_scale. A fine-tuned version keeps its base's environment
+                # (cog.yaml), so it is set up without them rather than refused.
+                settings = replace(settings, fuse_qkv=False, compile=False, cuda_graphs=False)
+                log.warning(
+                    "trained weights (a LoRA): LCM_FUSE_QKV and LCM_COMPILE are off for this model "
+                    "(fused projections would bypass it; a compiled UNet would recompile per lora_scale)"
                 )
             trained = lora.attach(pipe, lora_path)
         engine = cls(pipe, dev, dtype, resolved, taesd, settings, thread, controlnet)

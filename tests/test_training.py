@@ -428,3 +428,20 @@ def test_trainings_run_one_at_a_time_and_a_cancelled_one_ends_before_the_next(tm
         "waiting for 1 earlier training(s) to finish",
         "waiting for 2 earlier training(s) to finish",
     ]
+
+
+def test_a_lora_is_served_without_fused_projections_or_compile_even_when_they_are_set(
+    trained, tuned, tiny_checkpoint, monkeypatch, caplog
+):
+    """A fine-tuned version keeps its base's environment (cog.yaml): setup turns them off, and says so."""
+    monkeypatch.setenv("LCM_FUSE_QKV", "1")
+    monkeypatch.setenv("LCM_COMPILE", "1")
+    caplog.set_level("WARNING", logger="lcm")
+    engine = Engine.load(tiny_checkpoint, device="cpu", lora_path=trained.lora)
+    try:
+        assert not engine.accel.fuse_qkv and not engine.accel.compile and not engine.compiled
+        assert any("LCM_FUSE_QKV and LCM_COMPILE are off" in r.getMessage() for r in caplog.records)
+        request = Request.build(CAPTION, width=256, height=256, num_inference_steps=2, seed=3)
+        assert np.array_equal(engine.generate(request).pixels, tuned.generate(request).pixels)
+    finally:
+        engine.close()
