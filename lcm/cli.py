@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import hashlib
 import logging
 import sys
 import tempfile
@@ -12,6 +11,7 @@ from typing import Optional, Sequence
 
 from lcm import params
 from lcm.errors import InputError, LCMError
+from lcm.weights import file_sha256
 
 
 def _engine_options(parser: argparse.ArgumentParser) -> None:
@@ -94,7 +94,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
     try:
         lora_path = lora.fetch(args.lora, tempfile.mkdtemp(prefix="lcm-lora-")) if args.lora else None
-        digest = hashlib.sha256(lora_path.read_bytes()).hexdigest() if lora_path else None
+        digest = file_sha256(lora_path) if lora_path else None
         request = _request(args, digest)
         engine = Engine.load(args.weights, device=args.device, lora_path=lora_path)
         args.out.mkdir(parents=True, exist_ok=True)

@@ -8,7 +8,6 @@ pickle, or anything else, fails setup with a message naming `weights`.
 
 from __future__ import annotations
 
-import hashlib
 import os
 import shutil
 import tarfile
@@ -21,6 +20,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file
 
 from lcm.errors import LCMError
+from lcm.weights import file_sha256
 
 ADAPTER = "trained"  # the adapter's name on the UNet
 WEIGHTS_FILE = "pytorch_lora_weights.safetensors"  # diffusers' name, which load_lora_weights(folder) finds
@@ -111,7 +111,7 @@ def attach(pipe, path: str | os.PathLike) -> LoadedLora:
     Raises LCMError when the file fits no layer of this UNet (a LoRA for another model).
     """
     path = Path(path)
-    digest = hashlib.sha256(path.read_bytes()).hexdigest()
+    digest = file_sha256(path)
     before = sum(1 for name, _ in pipe.unet.named_parameters() if "lora_" in name)
     try:
         # The UNet's own loader: the file holds UNet keys only (lcm.training), no text encoder.

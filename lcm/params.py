@@ -8,7 +8,6 @@ its source statically; a test holds every default, bound and choice there to thi
 
 from __future__ import annotations
 
-import hashlib
 import math
 import secrets
 from dataclasses import dataclass, field, fields
@@ -20,6 +19,7 @@ from PIL import Image
 import lcm
 from lcm import images, prompts
 from lcm.errors import InputError
+from lcm.weights import file_sha256
 
 MIN_SIZE = 256
 MAX_SIZE = 1024
@@ -319,14 +319,12 @@ class Request:
             else:
                 width, height = output_size(control.size, width, height)
         else:
-            loaded = images.load_input_image(image)  # checks size limits before anything is read whole
-            digest = hashlib.sha256(Path(image).read_bytes()).hexdigest()
+            loaded, digest = _read_input(image, "image")
             width, height = output_size(loaded.size, width, height)
             fitted = images.fit_image(loaded, width, height)
             if mask is not None:
                 # Read with the image's checks, fitted by the image's rule, then grey levels.
-                read = images.load_input_image(mask, field="mask")
-                mask_digest = hashlib.sha256(Path(mask).read_bytes()).hexdigest()
+                read, mask_digest = _read_input(mask, "mask")
                 fitted_mask = images.fit_image(read, width, height).convert("L")
             origin = v["lcm_origin_steps"]
             used = int(origin * strength)
@@ -409,7 +407,7 @@ def _same_file(name: str, what: str, path: Optional[str | Path], wanted: Optiona
         return None
     if path is None:
         raise InputError(name, None, f"the {what} this file was made from (sha256 {wanted})")
-    found = hashlib.sha256(Path(path).read_bytes()).hexdigest()
+    found = file_sha256(path)
     if found != wanted:
         raise InputError(name, str(path), f"the {what} with sha256 {wanted}; this one is {found}")
     return wanted
@@ -441,6 +439,11 @@ def _control(v: dict[str, Any]) -> Optional[Image.Image]:
         raise InputError(
             "canny_low_threshold", low, f"less than canny_high_threshold={high} (Canny's hysteresis band)"
         )
-    loaded = images.load_input_image(path, field="control_image")
-    v["control_image_sha256"] = hashlib.sha256(Path(path).read_bytes()).hexdigest()
+    loaded, v["control_image_sha256"] = _read_input(path, "control_image")
     return loaded
+
+
+def _read_input(path: str | Path, field: str) -> tuple[Image.Image, str]:
+    """An input image file, read with images' checks (size limits before anything is read whole),
+    and its file's sha256, which files record so that reproduce can ask for the same file."""
+    return images.load_input_image(path, field=field), file_sha256(path)

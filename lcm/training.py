@@ -32,7 +32,6 @@ Constants, and where they come from:
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import io
 import json
 import logging
@@ -57,7 +56,7 @@ from lcm.errors import InputError
 from lcm.loading import load_pipeline, pick_device
 from lcm.lora import INFO_FILE, WEIGHTS_FILE
 from lcm.params import MAX_SEED, Spec, check, random_seed
-from lcm.weights import weights_dir
+from lcm.weights import file_sha256, weights_dir
 from lcm.worker import CancelFlag
 
 log = logging.getLogger("lcm")
@@ -515,7 +514,7 @@ def _save(
         out_dir, unet_lora_layers=state, weight_name=WEIGHTS_FILE, safe_serialization=True
     )
     lora = out_dir / WEIGHTS_FILE
-    digest = hashlib.sha256(lora.read_bytes()).hexdigest()
+    digest = file_sha256(lora)
     info = {
         "method": "latent consistency fine-tuning (LoRA)",
         "base_model": lcm.MODEL_NAME,

@@ -237,7 +237,7 @@ def write_manifest(path: str | os.PathLike | None = None, source: str | None = N
     """
     target = _check_present(weights_dir(path))
     files = {
-        name: {"size": (target / name).stat().st_size, "sha256": _sha256(target / name)}
+        name: {"size": (target / name).stat().st_size, "sha256": file_sha256(target / name)}
         for name in (*required_files(target), *present_optional_files(target))
     }
     manifest = target / MANIFEST_NAME
@@ -262,7 +262,7 @@ def verify_weights(path: str | os.PathLike | None = None) -> Path:
         record = manifest["files"].get(name)
         if record is None:
             bad.append(f"  {name}: not in {MANIFEST_NAME}")
-        elif _sha256(target / name) != record["sha256"]:
+        elif file_sha256(target / name) != record["sha256"]:
             bad.append(f"  {name}: sha256 differs from {MANIFEST_NAME} (corrupted or replaced)")
     if bad:
         raise WeightsError(
@@ -291,6 +291,7 @@ def files_to_download(path: str | os.PathLike | None, source: str) -> list[str]:
     return [name for name in REQUIRED_FILES if name not in present]
 
 
-def _sha256(file: Path) -> str:
-    with file.open("rb") as handle:
+def file_sha256(file: str | os.PathLike) -> str:
+    """The file's sha256, read in chunks: weights in the manifest, input files and LoRAs in metadata."""
+    with Path(file).open("rb") as handle:
         return hashlib.file_digest(handle, "sha256").hexdigest()
