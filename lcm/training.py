@@ -252,7 +252,7 @@ def read_archive(archive: str | os.PathLike, caption: str, resolution: int) -> l
     with InputError naming input_images and the member.
     """
     archive = Path(archive)
-    pictures: dict[str, bytes] = {}
+    pictures: dict[str, tuple[str, bytes]] = {}  # name: (its path without the suffix, its bytes)
     captions: dict[str, str] = {}
     for name, size, opener in _members(archive):
         if any(part in name for part in _JUNK) or PurePosixPath(name).name.startswith("._"):
@@ -274,20 +274,20 @@ def read_archive(archive: str | os.PathLike, caption: str, resolution: int) -> l
             except UnicodeDecodeError as exc:
                 raise _bad(archive, f"{name!r} is not UTF-8 text") from exc
         else:
-            pictures[name] = data
+            pictures[name] = stem, data
     if not pictures:
         raise _bad(archive, "this archive holds no image")
     examples = []
     with tempfile.TemporaryDirectory(prefix="lcm-train-") as scratch:
         for name in sorted(pictures):
-            stem = name[: len(name) - len(PurePosixPath(name).suffix)]
+            stem, data = pictures[name]
             text = captions.get(stem) or caption
             if not text:
                 raise InputError(
                     "caption", caption, f"a caption for {name!r}, which has no .txt beside it in the archive"
                 )
             path = Path(scratch) / f"image{len(examples)}{PurePosixPath(name).suffix.lower()}"
-            path.write_bytes(pictures[name])
+            path.write_bytes(data)
             try:
                 picture = images.load_input_image(path)
             except InputError as exc:
