@@ -18,7 +18,6 @@ other prompts'>`.
 from __future__ import annotations
 
 import argparse
-import datetime
 import io
 import logging
 import shlex
@@ -133,17 +132,14 @@ def main(argv: list[str] | None = None) -> int:
     print("\n".join(lines))
     print(verdict)
     if args.record:
-        now = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
         dev = pick_device(args.device)
         bullets = [
             f"- device: {report.device_name(dev)}",
             f"- versions: {report.versions()}; commit {report.commit()}",
             f"- command: `python -m bench.lcf_evidence {shlex.join(sys.argv[1:] if argv is None else argv)}`",
         ]
-        section = [f"## {now} — LCF evidence, {dev.type}, {args.steps} steps at {args.resolution} px", ""]
-        text = "\n".join([*section, *bullets, "", *lines, "", f"`{verdict}`", ""])
-        existing = args.record.read_text().rstrip("\n") + "\n\n" if args.record.exists() else ""
-        args.record.write_text(existing + text)
+        title = f"LCF evidence, {dev.type}, {args.steps} steps at {args.resolution} px"
+        report.append_section(args.record, title, [*bullets, "", *lines, "", f"`{verdict}`", ""])
     return 0
 
 

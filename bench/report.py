@@ -227,11 +227,16 @@ def append(
 ) -> None:
     """Add one dated section to the results log, newest last (`described`: with describe()'s lines,
     which the serving benchmark's text holds itself)."""
-    now = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     s = settings
-    title = f"## {now} — {s.device.type}, {s.size}x{s.size}, {s.steps} steps, batch {s.batch}"
     bullets = [f"- {line}" for line in describe(settings)] if described else []
     bullets.append(f"- command: `{command}`")
-    section = "\n".join([title, "", *bullets, "", table_text, "", f"`{speedup}`", ""])
+    title = f"{s.device.type}, {s.size}x{s.size}, {s.steps} steps, batch {s.batch}"
+    append_section(path, title, [*bullets, "", table_text, "", f"`{speedup}`", ""])
+
+
+def append_section(path: Path, title: str, lines: list[str]) -> None:
+    """Add `## <UTC date and time> — title` and its lines to the results log, newest last."""
+    now = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    section = "\n".join([f"## {now} — {title}", "", *lines])
     existing = path.read_text().rstrip("\n") + "\n\n" if path.exists() else ""
     path.write_text(existing + section)
