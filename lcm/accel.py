@@ -29,6 +29,7 @@ import torch
 
 from lcm import allocator
 from lcm.errors import InputError, LCMError
+from lcm.loading import DTYPES
 from lcm.params import DEFAULT_SIZE, MAX_IMAGES, Request
 
 log = logging.getLogger("lcm")
@@ -39,7 +40,6 @@ BATCH_PIXELS_ENV = "LCM_BATCH_PIXELS"
 # A guess until a GPU benchmark says otherwise (bench/RESULTS.md): 8 images at 512x512 per batch.
 CUDA_BATCH_PIXELS = 8 * 512 * 512
 MAX_COMPILE_SIZES = 4  # each costs a compilation in setup (minutes on a CPU, tens of seconds on a GPU)
-DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
 
 
 def _flag(name: str, default: bool) -> bool:

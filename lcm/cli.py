@@ -41,6 +41,12 @@ def _parser() -> argparse.ArgumentParser:
     gen = commands.add_parser("generate", help="generate images from a prompt (and optionally an image)")
     gen.add_argument("prompt", help=params.SPECS["prompt"].help)
     _engine_options(gen)
+    gen.add_argument(
+        "--dtype",
+        default=None,
+        help="the models' dtype: float32 or bfloat16 on a CPU, also float16 on CUDA (default: LCM_DTYPE, "
+        "else bfloat16 on a CPU that computes it in hardware, float32 on other CPUs, float16 on CUDA)",
+    )
     for spec in params.INPUTS[1:]:  # the API's inputs, by the API's names
         flag = "--" + spec.name.replace("_", "-")
         if spec.kind is bool:
@@ -54,7 +60,9 @@ def _parser() -> argparse.ArgumentParser:
                 help=_flag_help(spec),
             )
 
-    rep = commands.add_parser("reproduce", help="regenerate an image from the parameters stored in its file")
+    rep = commands.add_parser(
+        "reproduce", help="regenerate an image from the parameters stored in its file, in its recorded dtype"
+    )
     rep.add_argument("file", type=Path, help="a PNG, WebP or JPEG written by this project")
     _engine_options(rep)
     rep.add_argument("--image", type=Path, default=None, help="the input image, for an image-to-image file")
@@ -65,9 +73,12 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _request(args: argparse.Namespace, lora_sha256: Optional[str]) -> params.Request:
-    """The request to run; for reproduce, the file's, refused unless --lora is the LoRA it was made with."""
+def _request(args: argparse.Namespace, lora_sha256: Optional[str]) -> tuple[params.Request, Optional[str]]:
+    """The request to run and the dtype to run it in (None: the engine's choice); for reproduce, the
+    file's request and dtype, refused unless --lora is the LoRA it was made with."""
     if args.command == "reproduce":
+        from lcm.engine import DTYPE_KEY
+        from lcm.loading import legacy_dtype, pick_device
         from lcm.metadata import read_metadata
 
         meta = read_metadata(args.file)
@@ -79,10 +90,11 @@ def _request(args: argparse.Namespace, lora_sha256: Optional[str]) -> params.Req
                 else "none: this file was made without trained weights"
             )
             raise InputError("lora", lora_sha256, f"{needed} (this LoRA's sha256 is {lora_sha256})")
-        return params.Request.from_metadata(
+        request = params.Request.from_metadata(
             meta, image=args.image, mask=args.mask, control_image=args.control_image
         )
-    return params.Request.build(**{spec.name: getattr(args, spec.name) for spec in params.INPUTS})
+        return request, meta.get(DTYPE_KEY) or legacy_dtype(pick_device(args.device))
+    return params.Request.build(**{spec.name: getattr(args, spec.name) for spec in params.INPUTS}), args.dtype
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
@@ -95,8 +107,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     try:
         lora_path = lora.fetch(args.lora, tempfile.mkdtemp(prefix="lcm-lora-")) if args.lora else None
         digest = file_sha256(lora_path) if lora_path else None
-        request = _request(args, digest)
-        engine = Engine.load(args.weights, device=args.device, lora_path=lora_path)
+        request, dtype = _request(args, digest)
+        engine = Engine.load(args.weights, device=args.device, lora_path=lora_path, dtype=dtype)
         args.out.mkdir(parents=True, exist_ok=True)
         for path in engine.generate_files(request, args.out):
             print(path)

@@ -25,13 +25,22 @@ from PIL import Image
 
 from lcm import accel, allocator, batching, compiling, control, images, lora, prompts, safety, sampler
 from lcm.errors import InputError, LCMError
-from lcm.loading import CONTROLNET_DIR, default_dtype, load_controlnet, load_pipeline, load_taesd, pick_device
+from lcm.loading import (
+    CONTROLNET_DIR,
+    choose_dtype,
+    dtype_name,
+    load_controlnet,
+    load_pipeline,
+    load_taesd,
+    pick_device,
+)
 from lcm.params import SPECS, Request
 from lcm.weights import weights_dir
 from lcm.worker import CancelFlag, Cancelled, EngineThread, Job
 
 StepCallback = Callable[[int, torch.Tensor], None]
 WARM_UP_PROMPT = "warm-up"
+DTYPE_KEY = "dtype"  # in each file's metadata; files made before it ran in loading.legacy_dtype
 # FreeU's scales for Stable Diffusion v1-5, as diffusers' documentation passes them to enable_freeu
 # ("FreeU" in its image-quality guide, which takes each model's values from the authors' repository,
 # github.com/ChenyangSi/FreeU).
@@ -130,9 +139,11 @@ class Engine:
         path: str | os.PathLike | None = None,
         device: str | None = None,
         lora_path: str | os.PathLike | None = None,
+        dtype: str | None = None,
     ) -> "Engine":
         """Load from a local weights directory (default: LCM_WEIGHTS_DIR, else weights/), with the
-        trained LoRA at `lora_path` (a local .safetensors, see lcm.lora.fetch) on the UNet if given.
+        trained LoRA at `lora_path` (a local .safetensors, see lcm.lora.fetch) on the UNet if given,
+        in `dtype` ("float32", "bfloat16", ...; default: loading.choose_dtype's choice).
 
         Loading, and everything after, runs on the engine's own new thread.
         """
@@ -141,7 +152,7 @@ class Engine:
             allocator.hold_freed_memory(True)
         thread = EngineThread()
         try:
-            return thread.call(cls._load, path, dev, thread, lora_path)
+            return thread.call(cls._load, path, dev, thread, lora_path, dtype)
         except BaseException:
             thread.stop()
             raise
@@ -153,10 +164,11 @@ class Engine:
         dev: torch.device,
         thread: EngineThread,
         lora_path: str | os.PathLike | None = None,
+        dtype_requested: str | None = None,
     ) -> "Engine":
         start = time.perf_counter()
         resolved = weights_dir(path)
-        dtype = default_dtype(dev)
+        dtype, why = choose_dtype(dev, dtype_requested)
         pipe = load_pipeline(resolved, dev, dtype)
         taesd = load_taesd(resolved, dev, dtype)
         controlnet = load_controlnet(resolved, dev, dtype)
@@ -184,10 +196,11 @@ class Engine:
             engine.compiled = compiling.compile_modules(pipe, settings.cuda_graphs)
             engine.warm_up()
         log.info(
-            "loaded %s on %s (%s, %s) in %.1fs, warm-up %.1fs",
+            "loaded %s on %s (%s: %s; %s) in %.1fs, warm-up %.1fs",
             resolved,
             dev,
-            str(dtype).removeprefix("torch."),
+            dtype_name(dtype),
+            why,
             settings.describe(),
             loaded,
             time.perf_counter() - start - loaded,
@@ -474,7 +487,7 @@ class Engine:
         checked = [i for i, k in enumerate(owners) if requests[k].safety_checker]
         if checked:
             verdicts = safety.flag_nsfw(
-                pipe.feature_extractor, pipe.safety_checker, pixels[checked], self.device, self.dtype
+                pipe.feature_extractor, pipe.safety_checker, pixels[checked], self.device
             )
             for i, verdict in zip(checked, verdicts, strict=True):
                 nsfw[i] = verdict
@@ -617,8 +630,10 @@ class Engine:
         return Served(paths, summary)
 
     def file_metadata(self, request: Request, seed: int) -> dict[str, Any]:
-        """The request's metadata, and the LoRA's sha256 when one is loaded (reproduce needs it again)."""
+        """The request's metadata, the dtype the models ran in, and the LoRA's sha256 when one is
+        loaded: reproduce needs both again."""
         meta = request.metadata(seed)
+        meta[DTYPE_KEY] = dtype_name(self.dtype)
         if self.lora is not None:
             meta["lora_sha256"] = self.lora.sha256
         return meta
@@ -651,7 +666,7 @@ class Engine:
             sum(generation.nsfw) if r.safety_checker else "off",
             *generation.batch,
             self.device,
-            str(self.dtype).removeprefix("torch."),
+            dtype_name(self.dtype),
             _graphs(generation.eager, r.control_image is not None, r.freeu),
             f" lora={self.lora.sha256[:12]}x{r.lora_scale:.2f}" if self.lora is not None else "",
             stages,

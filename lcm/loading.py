@@ -41,6 +41,10 @@ from lcm.weights import (  # noqa: E402
 )
 
 DEVICE_ENV = "LCM_DEVICE"
+DTYPE_ENV = "LCM_DTYPE"
+DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
+# What LCM_DTYPE may ask for per device: CPU float16 kernels are slow or missing.
+DEVICE_DTYPES = {"cpu": ("float32", "bfloat16"), "cuda": tuple(DTYPES)}
 INDEX_NAME = "model_index.json"
 
 # The only classes a component may be, keyed as model_index.json names them: the index chooses
@@ -87,9 +91,58 @@ def pick_device(requested: str | None = None) -> torch.device:
     raise LCMError(f"{'device' if requested else DEVICE_ENV}={name!r} is not allowed: use {allowed}")
 
 
+def native_bf16() -> Optional[str]:
+    """The CPU's hardware bfloat16 as torch's CPU capability checks see it: "AMX", "AVX512-BF16" or None.
+
+    oneDNN, which runs torch's CPU convolutions and matrix products, uses these instructions for
+    bfloat16 where they exist and emulates them, slower than float32, where they do not.
+    """
+    if torch.cpu._is_amx_tile_supported():
+        return "AMX"
+    if torch.cpu._is_avx512_bf16_supported():
+        return "AVX512-BF16"
+    return None
+
+
 def default_dtype(device: torch.device) -> torch.dtype:
-    """fp16 on CUDA, fp32 on CPU (CPU half-precision kernels are slow or missing)."""
-    return torch.float16 if device.type == "cuda" else torch.float32
+    """fp16 on CUDA; on a CPU, bf16 where it computes it in hardware (native_bf16), else fp32.
+
+    Measured on a CPU with AMX and one with AVX512-BF16, a bf16 UNet step takes a third to half
+    of the fp32 one's time (bench/RESULTS.md); fp16 CPU kernels are slow or missing.
+    """
+    if device.type == "cuda":
+        return torch.float16
+    return torch.bfloat16 if native_bf16() else torch.float32
+
+
+def legacy_dtype(device: torch.device) -> str:
+    """What a file that records no dtype was made in: every device's default before bf16 on CPUs."""
+    return "float16" if device.type == "cuda" else "float32"
+
+
+def choose_dtype(device: torch.device, requested: Optional[str] = None) -> tuple[torch.dtype, str]:
+    """The dtype the models run in, and why: `requested` (a file's recorded dtype, say), else
+    LCM_DTYPE, else default_dtype. Only dtypes that run on the device are allowed."""
+    name = requested or os.environ.get(DTYPE_ENV)
+    allowed = DEVICE_DTYPES[device.type]
+    if not name:
+        dtype = default_dtype(device)
+        if device.type == "cuda":
+            return dtype, "the CUDA default"
+        found = native_bf16()
+        return dtype, f"this CPU computes bf16 in {found}" if found else "this CPU has no AMX or AVX512-BF16"
+    if name not in allowed:
+        source = "dtype" if requested else DTYPE_ENV
+        raise LCMError(f"{source}={name!r} is not allowed on {device.type}: use {' or '.join(allowed)}")
+    why = "requested" if requested else f"{DTYPE_ENV}={name}"
+    if device.type == "cpu" and DTYPES[name] == torch.bfloat16 and not native_bf16():
+        why += ", emulated: this CPU has no AMX or AVX512-BF16, so it runs slower than float32"
+    return DTYPES[name], why
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    """torch.bfloat16 -> "bfloat16", as LCM_DTYPE and the files' metadata spell it."""
+    return str(dtype).removeprefix("torch.")
 
 
 def load_pipeline(

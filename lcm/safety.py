@@ -15,7 +15,6 @@ def flag_nsfw(
     checker: StableDiffusionSafetyChecker,
     pixels: np.ndarray,
     device: torch.device,
-    dtype: torch.dtype,
 ) -> list[bool]:
     """One verdict per (H, W, 3) uint8 image, all images in one checker pass.
 
@@ -24,6 +23,6 @@ def flag_nsfw(
     """
     clip_input = feature_extractor([Image.fromarray(p) for p in pixels], return_tensors="pt").pixel_values
     _, flags = checker(
-        images=np.zeros((len(pixels), 1)), clip_input=clip_input.to(device=device, dtype=dtype)
+        images=np.zeros((len(pixels), 1)), clip_input=clip_input.to(device=device, dtype=checker.dtype)
     )
     return [bool(f) for f in flags]
