@@ -180,8 +180,9 @@ class Engine:
         if lora_path is not None:
             if settings.fuse_qkv or settings.compile:
                 # Fused projections would bypass the LoRA on to_q/to_k/to_v; a compiled UNet would
-                # recompile for every lora_scale. A fine-tuned version keeps its base's environment
-                # (cog.yaml), so it is set up without them rather than refused.
+                # recompile for every lora_scale, and on a CPU freeze the LoRA's weights into its graph.
+                # A fine-tuned version keeps its base's environment (cog.yaml), so it is set up without
+                # them rather than refused.
                 settings = replace(settings, fuse_qkv=False, compile=False, cuda_graphs=False)
                 log.warning(
                     "trained weights (a LoRA): LCM_FUSE_QKV and LCM_COMPILE are off for this model "
@@ -193,7 +194,7 @@ class Engine:
         loaded = time.perf_counter() - start
         if settings.compile:
             log.info("compile cache: %s", compiling.load_cache(resolved, dev))
-            engine.compiled = compiling.compile_modules(pipe, settings.cuda_graphs)
+            engine.compiled = compiling.compile_modules(pipe, settings.cuda_graphs, dev)
             engine.warm_up()
         log.info(
             "loaded %s on %s (%s: %s; %s) in %.1fs, warm-up %.1fs",
