@@ -61,6 +61,14 @@ def parser() -> argparse.ArgumentParser:
         help="torch CPU threads for both methods (default: torch's own, one per core)",
     )
     p.add_argument(
+        "--reference-dtype",
+        default=None,
+        metavar="DTYPE",
+        help="the reference pipeline's dtype: float32, bfloat16 or float16, as the device allows "
+        "(default: diffusers' for the device, float16 on cuda and float32 on cpu); ours keeps the engine's "
+        "choice (LCM_DTYPE)",
+    )
+    p.add_argument(
         "--fast-decode",
         action="store_true",
         help="ours decodes with TAESD (predict's fast_decode); the reference keeps the full VAE",

@@ -206,6 +206,11 @@ def notes(settings: Settings, ours: Result, reference: Result) -> list[str]:
         "+ scheduler.step per step). The reference's safety stage includes its own PIL conversion for "
         "the feature extractor; its postprocess stage is the final tensor to PIL conversion.",
     ]
+    if ours.dtype != reference.dtype:
+        lines.append(
+            f"Ours ran in {ours.dtype} and the reference in {reference.dtype}: the max pixel difference "
+            "includes the two dtypes' rounding, and the speedup their difference in speed."
+        )
     if settings.mode == "controlnet":
         lines.append(
             "In the controlnet mode, both unet stages and steps include the ControlNet's forward pass; the "
