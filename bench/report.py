@@ -18,6 +18,7 @@ import transformers
 from bench.memory import GIB
 from bench.results import OTHER, Result, Settings
 from lcm.engine import FREEU
+from lcm.loading import native_bf16
 
 ROOT = Path(__file__).resolve().parent.parent
 # Instruction-set extensions that decide which CPU optimisations can pay off (bf16 and AMX above all).
@@ -41,11 +42,12 @@ def _cpu() -> str:
 
 
 def device_name(device: torch.device) -> str:
-    """The GPU's name and memory, or the CPU's model, cores and the extensions that matter here."""
+    """The GPU's name and memory, or the CPU's model, cores, the extensions that matter here and
+    whether it computes bf16 in hardware, which decides ours' CPU dtype (lcm.loading.default_dtype)."""
     if device.type == "cuda":
         props = torch.cuda.get_device_properties(device)
         return f"{props.name} ({props.total_memory / GIB:.0f} GiB, CUDA {torch.version.cuda}); host: {_cpu()}"
-    return _cpu()
+    return f"{_cpu()}; bf16: {native_bf16() or 'none (no AMX or AVX512-BF16)'}"
 
 
 def versions() -> str:
