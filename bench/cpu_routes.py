@@ -301,6 +301,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         f"inputs: {args.size}x{args.size} px (latents {args.size // 8}x{args.size // 8}), "
         f"timestep {TIMESTEP}, seed {SEED}; {args.runs} timed calls after one warm-up; "
         f"weights {args.weights}",
+        report.load_average(),
     ]
     print("\n".join([*bullets, "", text]))
     if args.record is not None:

@@ -81,10 +81,17 @@ def describe(settings: Settings) -> list[str]:
         f"seed {s.seed}, prompt {s.prompt!r}",
         f"runs: {s.warmup} warm-up + {s.runs} timed rounds (one run of each method per round); "
         f"weights {s.weights}; OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY', 'unset')}",
-        "load average at the end (1, 5, 15 min): "
-        + " ".join(f"{x:.2f}" for x in os.getloadavg())
-        + f" on {os.cpu_count()} cores (other processes make CPU timings noisy)",
+        load_average(),
     ]
+
+
+def load_average() -> str:
+    """The machine's load as a run ends: on a shared CPU, what its seconds should be read against."""
+    load = " ".join(f"{x:.2f}" for x in os.getloadavg())
+    return (
+        f"load average at the end (1, 5, 15 min): {load} on {os.cpu_count()} cores "
+        "(other processes make CPU timings noisy)"
+    )
 
 
 def _seconds(value: Optional[float]) -> str:
