@@ -3,12 +3,11 @@
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 from pathlib import Path
 from typing import Optional, Sequence
 
-from bench import BENCH_DIR, DEFAULT_WEIGHTS, RESULTS
+from bench import BENCH_DIR, DEFAULT_WEIGHTS, RESULTS, passive_openmp
 
 
 def _positive(text: str) -> int:
@@ -61,6 +60,14 @@ def parser() -> argparse.ArgumentParser:
         help="torch CPU threads for both methods (default: torch's own, one per core)",
     )
     p.add_argument(
+        "--reference-dtype",
+        default=None,
+        metavar="DTYPE",
+        help="the reference pipeline's dtype: float32, bfloat16 or float16, as the device allows "
+        "(default: diffusers' for the device, float16 on cuda and float32 on cpu); ours keeps the engine's "
+        "choice (LCM_DTYPE)",
+    )
+    p.add_argument(
         "--fast-decode",
         action="store_true",
         help="ours decodes with TAESD (predict's fast_decode); the reference keeps the full VAE",
@@ -111,9 +118,7 @@ def parser() -> argparse.ArgumentParser:
 def main(argv: Optional[Sequence[str]] = None) -> int:
     """Entry point of `python -m bench`; returns the exit status."""
     args = parser().parse_args(argv)
-    # Before torch starts OpenMP: idle threads sleep instead of spinning. Free on an idle machine; on a
-    # shared one, spinning threads starve each other and a UNet step took 3x longer (bench/RESULTS.md).
-    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+    passive_openmp()
     from bench.harness import run_cli
 
     return run_cli(args, list(sys.argv[1:] if argv is None else argv))

@@ -48,12 +48,14 @@ from bench.results import SEED, Output, Result, Run, Settings
 from lcm import allocator, control, images, prompts
 from lcm.engine import FREEU
 from lcm.errors import LCMError
-from lcm.loading import CONTROLNET_DIR, DEVICE_ENV, pick_device
+from lcm.loading import CONTROLNET_DIR, DEVICE_DTYPES, DEVICE_ENV, DTYPES, dtype_name, pick_device
 from lcm.params import DEFAULT_PROMPT, SPECS, Request
 from lcm.weights import WEIGHTS_ENV, check_weights
 
 GUIDANCE_SCALE = SPECS["guidance_scale"].default
 ORIGIN_STEPS = SPECS["lcm_origin_steps"].default
+# The reference's dtype per device unless --reference-dtype says otherwise: diffusers' own defaults.
+REFERENCE_DTYPES = {"cuda": "float16", "cpu": "float32"}
 # Inpainting at strength 1: the one strength at which diffusers' pipeline and ours take the same
 # timesteps at every step count (README, "Inpainting"), so both make the same images.
 INPAINT_STRENGTH = 1.0
@@ -171,7 +173,7 @@ class Ours:
         self.predictor = predict.Predictor()
         self.predictor.setup()
         engine = self.predictor.engine
-        self.dtype = str(engine.dtype).removeprefix("torch.")
+        self.dtype = dtype_name(engine.dtype)
         self.speed = engine.accel.describe()
         generate_batch = engine.generate_batch
 
@@ -256,7 +258,8 @@ def predict_inputs(settings: Settings) -> dict[str, Any]:
 
 
 class Reference:
-    """diffusers' pipeline at its defaults for the device: fp16 + SDPA on CUDA, fp32 on CPU, checker on.
+    """diffusers' pipeline at its defaults for the device: fp16 + SDPA on CUDA, fp32 on CPU (or
+    --reference-dtype), checker on.
 
     In the inpaint mode, StableDiffusionInpaintPipeline made from that pipeline's components.
     """
@@ -271,7 +274,7 @@ class Reference:
         self.dtype = "?"
 
     def setup(self) -> None:
-        dtype = torch.float16 if self.settings.device.type == "cuda" else torch.float32
+        dtype = DTYPES[self.settings.reference_dtype]
         pipe = LatentConsistencyModelPipeline.from_pretrained(
             self.settings.weights, local_files_only=True, use_safetensors=True, dtype=dtype
         ).to(self.settings.device)
@@ -283,7 +286,7 @@ class Reference:
         if self.settings.mode == "controlnet":
             pipe = self._controlnet_pipeline(pipe, dtype)
         pipe.set_progress_bar_config(disable=True)
-        self.dtype = str(pipe.dtype).removeprefix("torch.")
+        self.dtype = dtype_name(pipe.dtype)
         self.safety_checker = (
             "on (default)" if pipe.safety_checker is not None else "off (none in checkpoint)"
         )
@@ -456,8 +459,18 @@ def _say(message: str) -> None:
 def resolve(args: argparse.Namespace) -> Settings:
     """Defaults that need torch or the disk; the request is validated by the project's own rules first."""
     device = pick_device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    if args.clients is not None and (args.freeu or args.prompt is not None):
-        raise LCMError("--freeu and --prompt compare one request with the reference: not with --clients")
+    if args.clients is not None and (args.freeu or args.prompt is not None or args.reference_dtype):
+        raise LCMError(
+            "--freeu, --prompt and --reference-dtype compare one request with the reference: "
+            "not with --clients"
+        )
+    reference_dtype = args.reference_dtype or REFERENCE_DTYPES[device.type]
+    allowed = DEVICE_DTYPES[device.type]
+    if reference_dtype not in allowed:
+        raise LCMError(
+            f"--reference-dtype {reference_dtype!r} is not allowed on {device.type}: "
+            f"use {' or '.join(allowed)}"
+        )
     prompt = DEFAULT_PROMPT if args.prompt is None else args.prompt
     Request.build(
         prompt,
@@ -497,6 +510,7 @@ def resolve(args: argparse.Namespace) -> Settings:
         fast_decode=args.fast_decode,
         mode=args.mode,
         freeu=args.freeu,
+        reference_dtype=reference_dtype,
     )
 
 

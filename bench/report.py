@@ -18,6 +18,7 @@ import transformers
 from bench.memory import GIB
 from bench.results import OTHER, Result, Settings
 from lcm.engine import FREEU
+from lcm.loading import native_bf16
 
 ROOT = Path(__file__).resolve().parent.parent
 # Instruction-set extensions that decide which CPU optimisations can pay off (bf16 and AMX above all).
@@ -41,11 +42,12 @@ def _cpu() -> str:
 
 
 def device_name(device: torch.device) -> str:
-    """The GPU's name and memory, or the CPU's model, cores and the extensions that matter here."""
+    """The GPU's name and memory, or the CPU's model, cores, the extensions that matter here and
+    whether it computes bf16 in hardware, which decides ours' CPU dtype (lcm.loading.default_dtype)."""
     if device.type == "cuda":
         props = torch.cuda.get_device_properties(device)
         return f"{props.name} ({props.total_memory / GIB:.0f} GiB, CUDA {torch.version.cuda}); host: {_cpu()}"
-    return _cpu()
+    return f"{_cpu()}; bf16: {native_bf16() or 'none (no AMX or AVX512-BF16)'}"
 
 
 def versions() -> str:
@@ -79,10 +81,17 @@ def describe(settings: Settings) -> list[str]:
         f"seed {s.seed}, prompt {s.prompt!r}",
         f"runs: {s.warmup} warm-up + {s.runs} timed rounds (one run of each method per round); "
         f"weights {s.weights}; OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY', 'unset')}",
-        "load average at the end (1, 5, 15 min): "
-        + " ".join(f"{x:.2f}" for x in os.getloadavg())
-        + f" on {os.cpu_count()} cores (other processes make CPU timings noisy)",
+        load_average(),
     ]
+
+
+def load_average() -> str:
+    """The machine's load as a run ends: on a shared CPU, what its seconds should be read against."""
+    load = " ".join(f"{x:.2f}" for x in os.getloadavg())
+    return (
+        f"load average at the end (1, 5, 15 min): {load} on {os.cpu_count()} cores "
+        "(other processes make CPU timings noisy)"
+    )
 
 
 def _seconds(value: Optional[float]) -> str:
@@ -206,6 +215,11 @@ def notes(settings: Settings, ours: Result, reference: Result) -> list[str]:
         "+ scheduler.step per step). The reference's safety stage includes its own PIL conversion for "
         "the feature extractor; its postprocess stage is the final tensor to PIL conversion.",
     ]
+    if ours.dtype != reference.dtype:
+        lines.append(
+            f"Ours ran in {ours.dtype} and the reference in {reference.dtype}: the max pixel difference "
+            "includes the two dtypes' rounding, and the speedup their difference in speed."
+        )
     if settings.mode == "controlnet":
         lines.append(
             "In the controlnet mode, both unet stages and steps include the ControlNet's forward pass; the "

@@ -33,6 +33,7 @@ class Settings:
     fast_decode: bool = False  # ours decodes with TAESD; the reference keeps its full VAE
     mode: str = "txt2img"  # or "inpaint": an input image and mask (MODES)
     freeu: bool = False  # both methods
+    reference_dtype: str = "float32"  # a key of lcm.loading.DTYPES; ours keeps the engine's choice
 
     @property
     def seeds(self) -> list[int]:

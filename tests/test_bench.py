@@ -30,6 +30,50 @@ def test_bench_runs_and_ends_with_the_speedup_line(tiny_checkpoint, tmp_path):
     assert "python -m bench" in recorded and last in recorded
 
 
+def test_bench_loads_the_reference_in_the_reference_dtype(tiny_checkpoint, tmp_path):
+    """Ours keeps the suite's float32 (LCM_DTYPE); the reference runs in the dtype asked for."""
+    results = tmp_path / "RESULTS.md"
+    out = _bench(tiny_checkpoint, "--reference-dtype", "bfloat16", "--record", str(results))
+    assert "| dtype | float32 | bfloat16 |" in out, out
+    assert re.search(r"max pixel difference, ours vs reference \| \d+/255", out), out
+    assert re.search(r"^device: cpu — .*; bf16: (AMX|AVX512-BF16|none \(no AMX or AVX512-BF16\))$", out, re.M)
+    assert "--reference-dtype bfloat16" in results.read_text()
+
+
+def test_bench_refuses_float16_for_the_reference_on_cpu(tiny_checkpoint):
+    command = [sys.executable, "-m", "bench", "--device", "cpu", "--weights", str(tiny_checkpoint)]
+    done = subprocess.run(
+        [*command, "--reference-dtype", "float16"], cwd=ROOT, capture_output=True, text=True
+    )
+    assert done.returncode == 2, done.stderr[-2000:]
+    assert "--reference-dtype 'float16' is not allowed on cpu: use float32 or bfloat16" in done.stderr
+
+
+def test_cpu_routes_times_each_route_against_the_eager_ones(tiny_checkpoint, tmp_path):
+    """OpenVINO is installed by make: a missing one fails here rather than reading "not installed"."""
+    results = tmp_path / "RESULTS.md"
+    command = [sys.executable, "-m", "bench.cpu_routes", str(tiny_checkpoint), "--size", "64", "--runs", "1"]
+    command += ["--routes", "torch-fp32,torch-bf16,openvino-bf16", "--record", str(results)]
+    done = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    out = done.stdout
+    models = ("| UNet step |", "| VAE decode |")
+    cells = [line.strip("| ").split(" | ") for line in out.splitlines() if line.startswith(models)]
+    rows = {(model, route): rest for model, route, *rest in cells}  # setup, ms, speedup, differences
+    assert sorted(rows) == [
+        (model, route)
+        for model in ("UNet step", "VAE decode")
+        for route in ("openvino-bf16", "torch-bf16", "torch-fp32")
+    ], out
+    for (model, route), (setup, *figures) in rows.items():
+        assert [float(f) for f in figures] and float(figures[0]) > 0, (model, route, out)
+        assert setup.startswith("convert ") if route.startswith("openvino") else setup == "–", out
+    for model in ("UNet step", "VAE decode"):
+        assert rows[model, "torch-fp32"][2:4] == ["1.00", "0"] and rows[model, "torch-bf16"][-1] == "0", out
+    assert re.search(r"^device: cpu — .*; bf16: ", out, re.M) and "openvino 20" in out
+    assert "python -m bench.cpu_routes" in results.read_text()
+
+
 def test_gpu_check_runs_its_steps_in_processes_and_refuses_unknown_ones(tiny_checkpoint, tmp_path):
     """The prepared GPU command, as far as a CPU takes it cheaply: the driver, a step, its log."""
     command = [sys.executable, "-m", "bench.gpu_check", "--out", str(tmp_path), "--device", "cpu"]
