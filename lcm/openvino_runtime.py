@@ -23,7 +23,10 @@ Cache: converting takes 15 s for the full UNet, so setup saves the converted mod
 openvino.save_model in `<weights>/openvino/<key>/` (or under LCM_OPENVINO_CACHE; DEFAULT_CACHE
 where the weights directory is read-only), and a later setup loads it. The key names the module
 and its dtype, and hashes its weight and config files' identity (lcm.weights.file_identity),
-OpenVINO's and diffusers' versions and the shapes mode.
+OpenVINO's and diffusers' versions and the shapes mode. OpenVINO's own CACHE_DIR keeps each compiled
+shape's blob beside it: on the full checkpoint a second setup (768 px, bf16) took 3.5 s with the blob
+against 8.9 s without (the UNet's compile 0.9 s against 5.9 s), for about 1.9 GB of disk per shape
+and 1.5 GB more peak memory in setup (10.2 GB against 8.7).
 """
 
 from __future__ import annotations
@@ -56,6 +59,7 @@ OPENVINO_CACHE_ENV = "LCM_OPENVINO_CACHE"
 DEFAULT_CACHE = Path(__file__).resolve().parent.parent / ".cache" / "openvino"
 CACHE_DIR = "openvino"  # in the weights directory
 MODEL_FILE = "model.xml"  # and model.bin, in each key's directory
+BLOBS_DIR = "compiled"  # in each key's directory: OpenVINO's CACHE_DIR, one blob per compiled shape
 SHAPES = "static"  # the shapes mode, in the key: converted generally, reshaped to each size at load
 TRACE_LATENT = 9  # odd, so the traced UNet takes diffusers' general upsampling path (the docstring)
 PRECISIONS = {torch.bfloat16: "bf16", torch.float32: "f32"}  # INFERENCE_PRECISION_HINT per dtype
@@ -222,7 +226,10 @@ def _prepare(
     found = next(
         (root / key for root in cache_roots(weights_dir) if (root / key / MODEL_FILE).is_file()), None
     )
-    config = {"INFERENCE_PRECISION_HINT": PRECISIONS[module.dtype], "PERFORMANCE_HINT": "LATENCY"}
+    config: dict[str, str] = {
+        "INFERENCE_PRECISION_HINT": PRECISIONS[module.dtype],
+        "PERFORMANCE_HINT": "LATENCY",
+    }
     requests = {}
     with _contiguous(module):  # until compiled: a converted model reads the weights where they are
         if found is not None:
@@ -230,7 +237,11 @@ def _prepare(
             how = f"loaded from cache {found}"
         else:
             model = _convert(part, module, example)
-            how = f"converted in {time.perf_counter() - start:.1f}s, {_save(model, weights_dir, key)}"
+            how = f"converted in {time.perf_counter() - start:.1f}s"
+            found = _save(model, weights_dir, key)
+            how += f", saved to {found}" if found else ", not saved"
+        if found is not None:  # OpenVINO's compiled blobs, beside the model they were compiled from
+            config["CACHE_DIR"] = str(found / BLOBS_DIR)
         converted = time.perf_counter()
         for shape in dict.fromkeys(shapes):
             sized = model.clone()
@@ -293,8 +304,8 @@ def cache_roots(weights_dir: Path) -> list[Path]:
     return [Path(chosen)] if chosen else [weights_dir / CACHE_DIR, DEFAULT_CACHE]
 
 
-def _save(model: ov.Model, weights_dir: Path, key: str) -> str:
-    """Save into the first writable cache root, saying where; a key directory appears whole or not at all."""
+def _save(model: ov.Model, weights_dir: Path, key: str) -> Optional[Path]:
+    """Save into the first writable cache root; a key's directory appears whole or not at all."""
     failures = []
     for root in cache_roots(weights_dir):
         partial = root / f"{key}.partial-{os.getpid()}"
@@ -302,9 +313,9 @@ def _save(model: ov.Model, weights_dir: Path, key: str) -> str:
             partial.mkdir(parents=True, exist_ok=True)
             ov.save_model(model, partial / MODEL_FILE, compress_to_fp16=False)
             os.replace(partial, root / key)
-            return f"saved to {root / key}"
+            return root / key
         except OSError as exc:
             shutil.rmtree(partial, ignore_errors=True)
             failures.append(f"{root}: {exc}")
     log.warning("openvino: could not save the converted model (%s)", "; ".join(failures))
-    return "not saved"
+    return None
