@@ -233,7 +233,6 @@ def _prepare(
     requests = {}
     with _contiguous(module):  # until compiled: a converted model reads the weights where they are
         if found is not None:
-            model = core.read_model(found / MODEL_FILE)
             how = f"loaded from cache {found}"
         else:
             model = _convert(part, module, example)
@@ -241,6 +240,7 @@ def _prepare(
             found = _save(model, weights_dir, key)
             how += f", saved to {found}" if found else ", not saved"
         if found is not None:  # OpenVINO's compiled blobs, beside the model they were compiled from
+            model = core.read_model(found / MODEL_FILE)  # as a later setup reads it: the blobs' hash
             config["CACHE_DIR"] = str(found / BLOBS_DIR)
         converted = time.perf_counter()
         for shape in dict.fromkeys(shapes):
