@@ -17,11 +17,12 @@ export LCM_WEIGHTS_DIR
 
 venv: $(VENV)/.installed
 
-$(VENV)/.installed: requirements.txt requirements-dev.txt
+$(VENV)/.installed: requirements.txt requirements-dev.txt requirements-cpu.txt
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q "$(TORCH)"
-	$(PY) -m pip install -q -r <(grep -v '^torch==' requirements.txt) -r requirements-dev.txt
+	$(PY) -m pip install -q -r <(grep -v '^torch==' requirements.txt) -r requirements-dev.txt \
+	  -r requirements-cpu.txt
 	touch $@
 
 lint: venv

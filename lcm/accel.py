@@ -4,8 +4,11 @@
     LCM_CHANNELS_LAST=0|1 the UNet and VAE in channels_last memory format (default: on for CPU)
     LCM_FUSE_QKV=1        one fused query/key/value projection in attention (default: off)
     LCM_COMPILE=1         torch.compile the UNet and VAE decoder in setup (default: off; lcm/compiling.py)
-    LCM_COMPILE_SIZES=... with LCM_COMPILE, the request sizes compiled in setup: WxH or WxHxN
-                          (N images), comma-separated, at most MAX_COMPILE_SIZES (default 768x768)
+    LCM_COMPILE_SIZES=... with LCM_COMPILE or LCM_RUNTIME=openvino, the request sizes compiled in
+                          setup: WxH or WxHxN (N images), comma-separated, at most MAX_COMPILE_SIZES
+                          (default 768x768)
+    LCM_RUNTIME=...       torch, or openvino for the UNet and VAE decoder on a CPU (default: torch;
+                          lcm/openvino_runtime.py)
     LCM_CUDA_GRAPHS=1     with LCM_COMPILE on CUDA, record CUDA graphs (mode "reduce-overhead")
     LCM_VAE_DTYPE=...     float16, bfloat16 or float32 for the VAE (default: see vae_dtype)
     LCM_DECODE_CHUNK=N    images per VAE decoder pass, 1 to MAX_IMAGES (default: 8 on CUDA, 1 on CPU)
@@ -20,6 +23,7 @@ step, which is device-agnostic. The tests check every setting against the unopti
 
 from __future__ import annotations
 
+import importlib
 import logging
 import os
 from dataclasses import dataclass, field
@@ -40,6 +44,9 @@ BATCH_PIXELS_ENV = "LCM_BATCH_PIXELS"
 # A guess until a GPU benchmark says otherwise (bench/RESULTS.md): 8 images at 512x512 per batch.
 CUDA_BATCH_PIXELS = 8 * 512 * 512
 MAX_COMPILE_SIZES = 4  # each costs a compilation in setup (minutes on a CPU, tens of seconds on a GPU)
+RUNTIME_ENV = "LCM_RUNTIME"
+RUNTIMES = ("torch", "openvino")
+CPU_RUNTIME = "torch"  # LCM_RUNTIME's CPU default (CUDA: torch only)
 
 
 def _flag(name: str, default: bool) -> bool:
@@ -87,6 +94,30 @@ def batch_pixels(device: torch.device) -> int:
     return int(text)
 
 
+def runtime(device: torch.device) -> str:
+    """LCM_RUNTIME, else torch: what runs the UNet and the VAE decoder (lcm.openvino_runtime).
+
+    OpenVINO's bf16 UNet step is the fastest measured on a CPU (README); CPU_RUNTIME stays torch
+    until end-to-end measurements say otherwise.
+    """
+    name = os.environ.get(RUNTIME_ENV) or (CPU_RUNTIME if device.type == "cpu" else "torch")
+    if name not in RUNTIMES:
+        raise LCMError(f"{RUNTIME_ENV}={name!r} is not allowed: use {' or '.join(RUNTIMES)}")
+    if name == "openvino" and device.type != "cpu":
+        raise LCMError(
+            f"{RUNTIME_ENV}={name!r} is not allowed on {device}: use torch (openvino runs on a CPU)"
+        )
+    if name == "openvino":
+        try:
+            importlib.import_module("openvino")
+        except ImportError as exc:
+            raise LCMError(
+                f"{RUNTIME_ENV}={name!r} is not allowed: the openvino package is not installed ({exc}); "
+                "install requirements-cpu.txt or use torch"
+            ) from exc
+    return name
+
+
 def compile_sizes() -> tuple[tuple[int, int, int], ...]:
     """LCM_COMPILE_SIZES as (width, height, images) triples, each a valid request size."""
     text = os.environ.get(COMPILE_SIZES_ENV) or f"{DEFAULT_SIZE}x{DEFAULT_SIZE}"
@@ -120,6 +151,7 @@ class Accel:
     compile: bool = False
     compile_sizes: tuple[tuple[int, int, int], ...] = ((DEFAULT_SIZE, DEFAULT_SIZE, 1),)  # (w, h, images)
     cuda_graphs: bool = False
+    runtime: str = "torch"  # what runs the UNet and the VAE decoder: RUNTIMES
     hold_memory: bool = field(default_factory=lambda: allocator.glibc() is not None)
     vae_dtype: Optional[torch.dtype] = None  # None: the pipeline's dtype
     decode_chunk: int = 1  # images per VAE decoder pass (TAESD's fast_decode takes the whole batch)
@@ -131,8 +163,16 @@ class Accel:
         compile_on, cuda_graphs = _flag("LCM_COMPILE", False), _flag("LCM_CUDA_GRAPHS", False)
         if cuda_graphs and not (cuda and compile_on):
             raise LCMError("LCM_CUDA_GRAPHS=1 needs LCM_COMPILE=1 on a CUDA device; unset it")
-        if os.environ.get(COMPILE_SIZES_ENV) and not compile_on:
-            raise LCMError(f"{COMPILE_SIZES_ENV} needs LCM_COMPILE=1; set both or neither")
+        runs = runtime(device)
+        if runs != "torch" and compile_on:
+            raise LCMError(
+                f"{RUNTIME_ENV}={runs!r} is not allowed with LCM_COMPILE=1: one runtime at a time, "
+                f"unset LCM_COMPILE or {RUNTIME_ENV}"
+            )
+        if os.environ.get(COMPILE_SIZES_ENV) and not compile_on and runs == "torch":
+            raise LCMError(
+                f"{COMPILE_SIZES_ENV} needs LCM_COMPILE=1 or {RUNTIME_ENV}=openvino; set one or unset it"
+            )
         return cls(
             planned_step=_flag("LCM_PLANNED_STEP", True),
             # measured on CPU (bench/RESULTS.md), not yet on CUDA
@@ -141,6 +181,7 @@ class Accel:
             compile=compile_on,
             compile_sizes=compile_sizes(),
             cuda_graphs=cuda_graphs,
+            runtime=runs,
             hold_memory=holds_memory(device),
             vae_dtype=vae_dtype(device, dtype, vae_config),
             decode_chunk=decode_chunk(device),
@@ -156,8 +197,8 @@ class Accel:
         ]
         vae = str(self.vae_dtype).removeprefix("torch.") if self.vae_dtype else "same"
         described = f"accel={'+'.join(on) or 'none'} vae_dtype={vae} decode_chunk={self.decode_chunk}"
-        described += f" batch_pixels={self.batch_pixels}"
-        if self.compile:
+        described += f" batch_pixels={self.batch_pixels} runtime={self.runtime}"
+        if self.compile or self.runtime != "torch":
             sizes = ",".join(f"{w}x{h}x{n}" for w, h, n in self.compile_sizes)
             described += f" compile_sizes={sizes}"
         return described

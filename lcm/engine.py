@@ -58,7 +58,7 @@ class Generation:
     num_tokens: int
     nsfw: list[bool]  # all False when the safety checker did not run
     timings: dict[str, float] = field(default_factory=dict)
-    eager: Optional[list[str]] = None  # with compile on: the compiled modules this request ran eagerly
+    eager: Optional[list[str]] = None  # with compile or OpenVINO: the modules this request ran eagerly
     batch: tuple[int, int] = (1, 1)  # the batch it ran in: requests, images (generate_batch sets it)
     edges: Optional[Image.Image] = None  # the canny edge map the ControlNet was given, with a control image
     weighted: bool = False  # the prompt was encoded by compel (Compel's weighting syntax)
@@ -124,6 +124,7 @@ class Engine:
         )
         self.control_processor = control.image_processor(self.vae_scale_factor)
         self.thread = thread or EngineThread()
+        # The UNet forward and VAE decoder wrappers, torch.compile's or OpenVINO's (with their protocol).
         self.compiled: list[compiling.CompiledForShapes] = []
         self.queue = batching.Queue()  # submitted requests, until a batch takes them
         self.lora: Optional[lora.LoadedLora] = None  # trained weights on the UNet (load's `lora`)
@@ -178,15 +179,18 @@ class Engine:
         settings = accel.Accel.from_env(dev, dtype, pipe.vae.config)
         trained = None
         if lora_path is not None:
-            if settings.fuse_qkv or settings.compile:
+            if settings.fuse_qkv or settings.compile or settings.runtime != "torch":
                 # Fused projections would bypass the LoRA on to_q/to_k/to_v; a compiled UNet would
-                # recompile for every lora_scale, and on a CPU freeze the LoRA's weights into its graph.
-                # A fine-tuned version keeps its base's environment (cog.yaml), so it is set up without
-                # them rather than refused.
-                settings = replace(settings, fuse_qkv=False, compile=False, cuda_graphs=False)
+                # recompile for every lora_scale, and on a CPU freeze the LoRA's weights into its graph;
+                # a converted one would have the LoRA baked in. A fine-tuned version keeps its base's
+                # environment (cog.yaml), so it is set up without them rather than refused.
+                settings = replace(
+                    settings, fuse_qkv=False, compile=False, cuda_graphs=False, runtime="torch"
+                )
                 log.warning(
-                    "trained weights (a LoRA): LCM_FUSE_QKV and LCM_COMPILE are off for this model "
-                    "(fused projections would bypass it; a compiled UNet would recompile per lora_scale)"
+                    "trained weights (a LoRA): LCM_FUSE_QKV, LCM_COMPILE and LCM_RUNTIME=openvino are off "
+                    "for this model (fused projections would bypass it; a compiled UNet would recompile "
+                    "per lora_scale; a converted one would bake it in)"
                 )
             trained = lora.attach(pipe, lora_path)
         engine = cls(pipe, dev, dtype, resolved, taesd, settings, thread, controlnet)
@@ -196,6 +200,12 @@ class Engine:
             log.info("compile cache: %s", compiling.load_cache(resolved, dev))
             engine.compiled = compiling.compile_modules(pipe, settings.cuda_graphs, dev)
             engine.warm_up()
+        elif settings.runtime == "openvino":
+            from lcm import openvino_runtime  # an optional dependency (requirements-cpu.txt)
+
+            engine.compiled = openvino_runtime.run_modules(
+                pipe, resolved, settings.compile_sizes, settings.decode_chunk
+            )
         log.info(
             "loaded %s on %s (%s: %s; %s) in %.1fs, warm-up %.1fs",
             resolved,
@@ -702,7 +712,7 @@ def _weighting(generation: Generation) -> str:
 
 
 def _graphs(eager: Optional[list[str]], control: bool, freeu: bool) -> str:
-    """The log line's note on compiled graphs: empty with compile off."""
+    """The log line's note on compiled graphs (torch.compile's or OpenVINO's): empty without."""
     if eager is None:
         return ""
     if not eager:

@@ -291,6 +291,22 @@ def files_to_download(path: str | os.PathLike | None, source: str) -> list[str]:
     return [name for name in REQUIRED_FILES if name not in present]
 
 
+def file_identity(path: str | os.PathLike | None, name: str) -> dict[str, object]:
+    """What tells one version of a weights directory's file from another without reading its bytes.
+
+    The manifest's sha256 where it records the file at its present size (a same-size replacement
+    behind the manifest's back is what verify_weights catches), else size and modification time.
+    For keys of things derived from the weights, such as a converted model.
+    """
+    target = weights_dir(path)
+    size = (target / name).stat().st_size
+    manifest = _read_manifest(target)
+    record = manifest["files"].get(name) if manifest is not None else None
+    if record is not None and record["size"] == size:
+        return {"name": name, "size": size, "sha256": record["sha256"]}
+    return {"name": name, "size": size, "mtime_ns": (target / name).stat().st_mtime_ns}
+
+
 def file_sha256(file: str | os.PathLike) -> str:
     """The file's sha256, read in chunks: weights in the manifest, input files and LoRAs in metadata."""
     with Path(file).open("rb") as handle:

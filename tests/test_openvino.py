@@ -1,0 +1,240 @@
+"""LCM_RUNTIME=openvino (tiny checkpoint, CPU): the UNet and VAE decoder under OpenVINO for the
+declared sizes, torch for every other call, a cache that a second setup loads."""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+import sys
+from pathlib import Path
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import torch
+
+from cogserver import CogServer
+from lcm import accel, lora
+from lcm.engine import Engine
+from lcm.errors import LCMError
+from lcm.params import Request
+
+openvino_runtime = pytest.importorskip("lcm.openvino_runtime")
+
+SIZE = 256
+ENV = {"LCM_RUNTIME": "openvino", "LCM_COMPILE_SIZES": f"{SIZE}x{SIZE}"}
+
+
+def max_diff(a: np.ndarray, b: np.ndarray) -> int:
+    return int(np.abs(a.astype(np.int16) - b.astype(np.int16)).max())
+
+
+def request(**kw) -> Request:
+    return Request.build(
+        **{
+            "prompt": "a photo of a cat",
+            "width": SIZE,
+            "height": SIZE,
+            "seed": 5,
+            "num_inference_steps": 3,
+            **kw,
+        }
+    )
+
+
+@pytest.fixture(scope="module")
+def ov_cache(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("openvino-cache")
+
+
+def load(path: Path, cache: Path, **kw) -> tuple[Engine, str]:
+    """An engine set up with LCM_RUNTIME=openvino, and what setup logged."""
+    records: list[str] = []
+    handler = logging.Handler()
+    handler.emit = lambda record: records.append(record.getMessage())
+    logger = logging.getLogger("lcm")
+    logger.addHandler(handler)
+    old_level = logger.level
+    logger.setLevel(logging.INFO)
+    try:
+        with pytest.MonkeyPatch.context() as mp:
+            for name, value in {**ENV, "LCM_OPENVINO_CACHE": str(cache)}.items():
+                mp.setenv(name, value)
+            engine = Engine.load(path, device="cpu", **kw)
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(old_level)
+    return engine, "\n".join(records)
+
+
+@pytest.fixture(scope="module")
+def converted(tiny_checkpoint, ov_cache):
+    engine, logged = load(tiny_checkpoint, ov_cache)
+    yield engine, logged
+    engine.close()
+
+
+@pytest.fixture(scope="module")
+def blocks(tmp_path_factory) -> str:
+    """Grey blocks of random levels: edges for the ControlNet, and a starting image."""
+    from PIL import Image
+
+    levels = np.random.default_rng(0).integers(0, 256, (16, 16), dtype=np.uint8)
+    pixels = np.repeat(np.repeat(levels, SIZE // 16, axis=0), SIZE // 16, axis=1)
+    path = tmp_path_factory.mktemp("openvino-input") / "blocks.png"
+    Image.fromarray(np.stack([pixels] * 3, axis=-1)).save(path)
+    return str(path)
+
+
+def test_fp32_requests_equal_torch_and_the_log_says_what_ran_eagerly(converted, engine, blocks, caplog):
+    """Within 1/255: the same fp32 arithmetic in another order flips a rounding now and then."""
+    ov_engine, logged = converted
+    assert [m.name for m in ov_engine.compiled] == ["unet", "vae"]
+    assert "openvino unet (f32): converted in" in logged and "runtime=openvino" in logged
+    cases = [
+        ("the declared size", request(), []),
+        ("image to image", request(image=blocks, num_inference_steps=2), []),
+        ("another size", request(width=SIZE + 8), ["unet", "vae"]),
+        ("a prompt of two token windows", request(prompt="a photo of a cat " * 20), ["unet"]),
+        ("two images", request(num_images=2), ["unet"]),  # the CPU decodes one image at a time
+        ("FreeU", request(freeu=True), ["unet"]),
+        ("the ControlNet's residuals", request(control_image=blocks), ["unet"]),
+        ("the declared size again", request(), []),
+    ]
+    for name, req, eager in cases:
+        ours = ov_engine.generate(req)
+        assert ours.eager == eager, name
+        assert max_diff(ours.pixels, engine.generate(req).pixels) <= 1, name
+    out = ov_engine.weights_dir.parent / "openvino-out"
+    with caplog.at_level(logging.INFO, logger="lcm"):
+        ov_engine.generate_files(request(width=SIZE + 8), out)
+        ov_engine.generate_files(request(freeu=True), out)
+        ov_engine.generate_files(request(control_image=blocks), out)
+    assert "graphs=eager(unet+vae: not a size compiled in setup, see LCM_COMPILE_SIZES)" in caplog.text
+    assert "graphs=eager(unet: FreeU runs it uncompiled)" in caplog.text
+    assert "graphs=eager(unet: its passes with the ControlNet's residuals run eagerly)" in caplog.text
+
+
+def mean_diff(a: np.ndarray, b: np.ndarray) -> float:
+    return float(np.abs(a.astype(np.int16) - b.astype(np.int16)).mean())
+
+
+def test_bf16_is_about_as_far_from_fp32_as_torch_bf16(tiny_checkpoint, engine, ov_cache):
+    """bf16 keeps 8 bits of mantissa, and OpenVINO's bf16 runs more of the UNet in it than torch's
+    autocast-free bf16 does, so it lands further from fp32: measured over seeds 5, 9 and 11, a mean of
+    1.0 levels against torch bf16's 0.65, a max of 8 to 12 levels from torch bf16 (torch bf16 from
+    fp32: 5 to 6). Bounds: twice torch bf16's mean error, and 16 levels."""
+    torch_bf16 = Engine.load(tiny_checkpoint, device="cpu", dtype="bfloat16")
+    ov_bf16, logged = load(tiny_checkpoint, ov_cache, dtype="bfloat16")
+    try:
+        assert "openvino unet (bf16)" in logged
+        for req in (request(), request(seed=9, num_inference_steps=4), request(freeu=True)):
+            ours, theirs, fp32 = ov_bf16.generate(req), torch_bf16.generate(req), engine.generate(req).pixels
+            assert ours.eager == (["unet"] if req.freeu else [])
+            assert mean_diff(ours.pixels, fp32) <= 2 * mean_diff(theirs.pixels, fp32)
+            assert max_diff(ours.pixels, theirs.pixels) <= 16
+    finally:
+        torch_bf16.close()
+        ov_bf16.close()
+
+
+def test_a_second_setup_loads_the_converted_models_from_the_cache(
+    converted, tiny_checkpoint, ov_cache, monkeypatch
+):
+    assert {"unet-f32", "vae-f32"} <= {p.name.rsplit("-", 1)[0] for p in ov_cache.iterdir()}
+    monkeypatch.setattr(openvino_runtime, "_convert", lambda *a: pytest.fail("converted again"))
+    again, logged = load(tiny_checkpoint, ov_cache)
+    try:
+        assert logged.count("loaded from cache") == 2, logged
+        assert max_diff(again.generate(request()).pixels, converted[0].generate(request()).pixels) == 0
+    finally:
+        again.close()
+
+
+def test_the_cache_key_follows_the_weights_files(tiny_checkpoint, tmp_path):
+    weights = tmp_path / "w"
+    shutil.copytree(tiny_checkpoint / "unet", weights / "unet")
+    file = weights / openvino_runtime.UNET.files[1]
+
+    def key() -> str:
+        return openvino_runtime.cache_key(weights, openvino_runtime.UNET, torch.float32)
+
+    first = key()
+    assert first.startswith("unet-f32-") and key() == first
+    file.write_bytes(file.read_bytes())  # the same bytes, rewritten: without a manifest, a new file
+    rewritten = key()
+    assert rewritten != first
+    record = {"size": file.stat().st_size, "sha256": "a" * 64}
+    manifest = weights / "manifest.json"
+    manifest.write_text(json.dumps({"files": {openvino_runtime.UNET.files[1]: record}}))
+    by_hash = key()
+    file.touch()  # a manifest's sha256 identifies the file, whatever its time
+    assert key() == by_hash != rewritten
+    manifest.write_text(
+        json.dumps({"files": {openvino_runtime.UNET.files[1]: {**record, "sha256": "b" * 64}}})
+    )
+    assert key() != by_hash
+
+
+def test_trained_weights_turn_openvino_off_with_a_warning(tiny_checkpoint, lora_weights, ov_cache, tmp_path):
+    tuned, logged = load(tiny_checkpoint, ov_cache, lora_path=lora.fetch(str(lora_weights), tmp_path / "l"))
+    try:
+        assert "LCM_RUNTIME=openvino are off for this model" in logged and "bake it in" in logged
+        assert tuned.accel.runtime == "torch" and tuned.compiled == []
+        assert "openvino unet" not in logged
+    finally:
+        tuned.close()
+
+
+@pytest.mark.parametrize(
+    "env,device,needle",
+    [
+        ({"LCM_RUNTIME": "tensorrt"}, "cpu", "LCM_RUNTIME='tensorrt' is not allowed: use torch or openvino"),
+        ({"LCM_RUNTIME": "openvino"}, "cuda", "LCM_RUNTIME='openvino' is not allowed on cuda: use torch"),
+        (
+            {"LCM_RUNTIME": "openvino", "LCM_COMPILE": "1"},
+            "cpu",
+            "LCM_RUNTIME='openvino' is not allowed with LCM_COMPILE=1: one runtime at a time",
+        ),
+        (
+            {"LCM_COMPILE_SIZES": "512x512"},
+            "cpu",
+            "LCM_COMPILE_SIZES needs LCM_COMPILE=1 or LCM_RUNTIME=openvino",
+        ),
+    ],
+)
+def test_settings_that_cannot_work_are_refused(monkeypatch, env, device, needle):
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    with pytest.raises(LCMError, match=needle):
+        accel.Accel.from_env(torch.device(device), torch.float32, SimpleNamespace(force_upcast=False))
+
+
+def test_openvino_without_the_package_is_refused_and_torch_is_the_default(monkeypatch):
+    config = SimpleNamespace(force_upcast=False)
+    settings = accel.Accel.from_env(torch.device("cpu"), torch.float32, config)
+    assert settings.runtime == "torch" and "runtime=torch" in settings.describe()
+    monkeypatch.setenv("LCM_RUNTIME", "openvino")
+    assert (
+        "runtime=openvino compile_sizes=768x768x1"
+        in accel.Accel.from_env(torch.device("cpu"), torch.float32, config).describe()
+    )
+    monkeypatch.setitem(sys.modules, "openvino", None)  # import openvino now raises ImportError
+    with pytest.raises(
+        LCMError, match="LCM_RUNTIME='openvino' is not allowed: the openvino package is not installed"
+    ):
+        accel.Accel.from_env(torch.device("cpu"), torch.float32, config)
+
+
+def test_a_prediction_through_cogs_server(converted, tiny_checkpoint, openapi_schema, ov_cache):
+    server = CogServer(tiny_checkpoint, openapi_schema, env={**ENV, "LCM_OPENVINO_CACHE": str(ov_cache)})
+    try:
+        server.wait_until({"READY"})
+        status, body = server.predict(
+            prompt="a red fox", seed=7, width=SIZE, height=SIZE, num_inference_steps=2
+        )
+    finally:
+        server.stop()
+    assert status == 200 and body["status"] == "succeeded", body
+    assert "graphs=compiled" in body["logs"], body["logs"]
