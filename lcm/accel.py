@@ -7,8 +7,8 @@
     LCM_COMPILE_SIZES=... with LCM_COMPILE or LCM_RUNTIME=openvino, the request sizes compiled in
                           setup: WxH or WxHxN (N images), comma-separated, at most MAX_COMPILE_SIZES
                           (default 768x768)
-    LCM_RUNTIME=...       torch, or openvino for the UNet and VAE decoder on a CPU (default: torch;
-                          lcm/openvino_runtime.py)
+    LCM_RUNTIME=...       torch, or openvino for the UNet and VAE decoder on a CPU (default: openvino
+                          on a CPU running bf16 where it is installed, else torch; lcm/openvino_runtime.py)
     LCM_CUDA_GRAPHS=1     with LCM_COMPILE on CUDA, record CUDA graphs (mode "reduce-overhead")
     LCM_VAE_DTYPE=...     float16, bfloat16 or float32 for the VAE (default: see vae_dtype)
     LCM_DECODE_CHUNK=N    images per VAE decoder pass, 1 to MAX_IMAGES (default: 8 on CUDA, 1 on CPU)
@@ -17,13 +17,15 @@
     LCM_HOLD_MEMORY=0     let glibc unmap freed activations and give its heap back (see hold_freed_memory)
 
 A setting is on by default on a device only where a benchmark on that device (bench/RESULTS.md)
-shows it wins: channels_last and holding memory on CPU; nothing yet on CUDA beyond the host-planned
-step, which is device-agnostic. The tests check every setting against the unoptimised path.
+shows it wins: channels_last, holding memory and (running bf16) OpenVINO on CPU; nothing yet on CUDA
+beyond the host-planned step, which is device-agnostic. The tests check every setting against the
+unoptimised path.
 """
 
 from __future__ import annotations
 
 import importlib
+import importlib.util
 import logging
 import os
 from dataclasses import dataclass, field
@@ -46,7 +48,7 @@ CUDA_BATCH_PIXELS = 8 * 512 * 512
 MAX_COMPILE_SIZES = 4  # each costs a compilation in setup (minutes on a CPU, tens of seconds on a GPU)
 RUNTIME_ENV = "LCM_RUNTIME"
 RUNTIMES = ("torch", "openvino")
-CPU_RUNTIME = "torch"  # LCM_RUNTIME's CPU default (CUDA: torch only)
+CPU_RUNTIME = "openvino"  # LCM_RUNTIME's default on a CPU running bf16 (see runtime; CUDA: torch only)
 
 
 def _flag(name: str, default: bool) -> bool:
@@ -94,13 +96,23 @@ def batch_pixels(device: torch.device) -> int:
     return int(text)
 
 
-def runtime(device: torch.device) -> str:
-    """LCM_RUNTIME, else torch: what runs the UNet and the VAE decoder (lcm.openvino_runtime).
+def runtime(device: torch.device, dtype: torch.dtype, compile_on: bool) -> str:
+    """LCM_RUNTIME, else what runs the UNet and the VAE decoder by default (lcm.openvino_runtime).
 
-    OpenVINO's bf16 UNet step is the fastest measured on a CPU (README); CPU_RUNTIME stays torch
-    until end-to-end measurements say otherwise.
+    On a CPU running bf16, OpenVINO (CPU_RUNTIME) where the package is installed: 1.78x diffusers'
+    bf16 pipeline end to end at 512 px against 1.11x for torch eager, holding less memory than the
+    fp32 torch engine (bench/RESULTS.md). Not in fp32, where it was 2.06x diffusers' fp32 pipeline
+    against torch's 1.42x at 256 px but held 13.9 GB against 6.5, nor with LCM_COMPILE=1 (one
+    runtime at a time), nor on CUDA.
     """
-    name = os.environ.get(RUNTIME_ENV) or (CPU_RUNTIME if device.type == "cpu" else "torch")
+    name = os.environ.get(RUNTIME_ENV)
+    if not name:
+        if device.type != "cpu" or dtype != torch.bfloat16 or compile_on or CPU_RUNTIME == "torch":
+            return "torch"
+        if importlib.util.find_spec(CPU_RUNTIME) is None:
+            log.info("%s is not installed (requirements-cpu.txt): the UNet and VAE run on torch", CPU_RUNTIME)
+            return "torch"
+        return CPU_RUNTIME
     if name not in RUNTIMES:
         raise LCMError(f"{RUNTIME_ENV}={name!r} is not allowed: use {' or '.join(RUNTIMES)}")
     if name == "openvino" and device.type != "cpu":
@@ -163,7 +175,7 @@ class Accel:
         compile_on, cuda_graphs = _flag("LCM_COMPILE", False), _flag("LCM_CUDA_GRAPHS", False)
         if cuda_graphs and not (cuda and compile_on):
             raise LCMError("LCM_CUDA_GRAPHS=1 needs LCM_COMPILE=1 on a CUDA device; unset it")
-        runs = runtime(device)
+        runs = runtime(device, dtype, compile_on)
         if runs != "torch" and compile_on:
             raise LCMError(
                 f"{RUNTIME_ENV}={runs!r} is not allowed with LCM_COMPILE=1: one runtime at a time, "

@@ -23,10 +23,10 @@ Cache: converting takes 15 s for the full UNet, so setup saves the converted mod
 openvino.save_model in `<weights>/openvino/<key>/` (or under LCM_OPENVINO_CACHE; DEFAULT_CACHE
 where the weights directory is read-only), and a later setup loads it. The key names the module
 and its dtype, and hashes its weight and config files' identity (lcm.weights.file_identity),
-OpenVINO's and diffusers' versions and the shapes mode. OpenVINO's own CACHE_DIR keeps each compiled
-shape's blob beside it: on the full checkpoint a second setup (768 px, bf16) took 3.5 s with the blob
-against 8.9 s without (the UNet's compile 0.9 s against 5.9 s), for about 1.9 GB of disk per shape
-and 1.5 GB more peak memory in setup (10.2 GB against 8.7).
+OpenVINO's and diffusers' versions and the shapes mode. OpenVINO's own CACHE_DIR of compiled
+blobs is not used: on the full checkpoint at 256 px (bf16) it raised setup's peak resident memory
+from 8.56 GB to 10.09 GB, above the fp32 torch engine's 8.64 GB, to save about 5 s of a setup
+that loads from the cache (bench/RESULTS.md, "OpenVINO as the CPU default").
 """
 
 from __future__ import annotations
@@ -59,7 +59,6 @@ OPENVINO_CACHE_ENV = "LCM_OPENVINO_CACHE"
 DEFAULT_CACHE = Path(__file__).resolve().parent.parent / ".cache" / "openvino"
 CACHE_DIR = "openvino"  # in the weights directory
 MODEL_FILE = "model.xml"  # and model.bin, in each key's directory
-BLOBS_DIR = "compiled"  # in each key's directory: OpenVINO's CACHE_DIR, one blob per compiled shape
 SHAPES = "static"  # the shapes mode, in the key: converted generally, reshaped to each size at load
 TRACE_LATENT = 9  # odd, so the traced UNet takes diffusers' general upsampling path (the docstring)
 PRECISIONS = {torch.bfloat16: "bf16", torch.float32: "f32"}  # INFERENCE_PRECISION_HINT per dtype
@@ -239,9 +238,8 @@ def _prepare(
             how = f"converted in {time.perf_counter() - start:.1f}s"
             found = _save(model, weights_dir, key)
             how += f", saved to {found}" if found else ", not saved"
-        if found is not None:  # OpenVINO's compiled blobs, beside the model they were compiled from
-            model = core.read_model(found / MODEL_FILE)  # as a later setup reads it: the blobs' hash
-            config["CACHE_DIR"] = str(found / BLOBS_DIR)
+        if found is not None:  # the saved model's weights are mapped from its file, not copied
+            model = core.read_model(found / MODEL_FILE)
         converted = time.perf_counter()
         for shape in dict.fromkeys(shapes):
             sized = model.clone()

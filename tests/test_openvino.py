@@ -211,20 +211,29 @@ def test_settings_that_cannot_work_are_refused(monkeypatch, env, device, needle)
         accel.Accel.from_env(torch.device(device), torch.float32, SimpleNamespace(force_upcast=False))
 
 
-def test_openvino_without_the_package_is_refused_and_torch_is_the_default(monkeypatch):
+def test_the_default_is_openvino_on_a_cpu_running_bf16_where_installed(monkeypatch, caplog):
+    """Unset, LCM_RUNTIME is openvino only for bf16 on a CPU without LCM_COMPILE, and only where the
+    package is installed (else torch, logged); asked for without the package, setup is refused."""
     config = SimpleNamespace(force_upcast=False)
-    settings = accel.Accel.from_env(torch.device("cpu"), torch.float32, config)
-    assert settings.runtime == "torch" and "runtime=torch" in settings.describe()
-    monkeypatch.setenv("LCM_RUNTIME", "openvino")
-    assert (
-        "runtime=openvino compile_sizes=768x768x1"
-        in accel.Accel.from_env(torch.device("cpu"), torch.float32, config).describe()
-    )
+    cpu = torch.device("cpu")
+    monkeypatch.delenv("LCM_RUNTIME", raising=False)
+    settings = accel.Accel.from_env(cpu, torch.bfloat16, config)
+    assert settings.runtime == "openvino"
+    assert "runtime=openvino compile_sizes=768x768x1" in settings.describe()
+    assert accel.Accel.from_env(cpu, torch.float32, config).runtime == "torch"
+    monkeypatch.setenv("LCM_COMPILE", "1")
+    assert accel.Accel.from_env(cpu, torch.bfloat16, config).runtime == "torch"
+    monkeypatch.delenv("LCM_COMPILE")
     monkeypatch.setitem(sys.modules, "openvino", None)  # import openvino now raises ImportError
+    monkeypatch.setattr("importlib.util.find_spec", lambda name: None)
+    with caplog.at_level(logging.INFO, logger="lcm"):
+        assert accel.Accel.from_env(cpu, torch.bfloat16, config).runtime == "torch"
+    assert "openvino is not installed" in caplog.text
+    monkeypatch.setenv("LCM_RUNTIME", "openvino")
     with pytest.raises(
         LCMError, match="LCM_RUNTIME='openvino' is not allowed: the openvino package is not installed"
     ):
-        accel.Accel.from_env(torch.device("cpu"), torch.float32, config)
+        accel.Accel.from_env(cpu, torch.float32, config)
 
 
 def test_a_prediction_through_cogs_server(converted, tiny_checkpoint, openapi_schema, ov_cache):
