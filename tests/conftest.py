@@ -14,7 +14,7 @@ from cogserver import ROOT, CogServer
 os.environ["HF_HUB_OFFLINE"] = "1"
 # The suite's engines and servers run in float32 on every CPU, so that their fp32 comparisons with
 # diffusers hold whether or not this CPU computes bf16 in hardware; the bf16 tests ask for it
-#, and the dtype choice is tested with the variable unset (test_dtype.py).
+# , and the dtype choice is tested with the variable unset (test_dtype.py).
 os.environ.setdefault("LCM_DTYPE", "float32")
 # Likewise torch runs the UNet and VAE unless a test asks for OpenVINO (test_openvino.py), whose
 # default on a CPU running bf16 is tested there with the variable unset.
