@@ -4,6 +4,7 @@ Both run in one process on the same weights and inputs, so the ratio between the
 something even on a noisy machine; absolute seconds are only a note. See bench/README.md.
 """
 
+import argparse
 import os
 from pathlib import Path
 
@@ -17,3 +18,11 @@ def passive_openmp() -> None:
     machine; on a shared one, spinning threads starve each other and a UNet step took 3x longer
     (bench/RESULTS.md)."""
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+
+def positive(text: str) -> int:
+    """An argparse type: a whole number of at least 1, for the benchmarks' counts."""
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{value} is not allowed: at least 1")
+    return value

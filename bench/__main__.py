@@ -7,14 +7,7 @@ import sys
 from pathlib import Path
 from typing import Optional, Sequence
 
-from bench import BENCH_DIR, DEFAULT_WEIGHTS, RESULTS, passive_openmp
-
-
-def _positive(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"{value} is not allowed: at least 1")
-    return value
+from bench import BENCH_DIR, DEFAULT_WEIGHTS, RESULTS, passive_openmp, positive
 
 
 def _non_negative(text: str) -> int:
@@ -38,8 +31,8 @@ def parser() -> argparse.ArgumentParser:
         "--device", default=None, help="cpu, cuda or cuda:N (default: cuda if available, else cpu)"
     )
     p.add_argument("--size", type=int, default=768, help="image width and height in pixels (default 768)")
-    p.add_argument("--steps", type=_positive, default=4, help="inference steps (default 4)")
-    p.add_argument("--batch", type=_positive, default=1, help="images per request (default 1)")
+    p.add_argument("--steps", type=positive, default=4, help="inference steps (default 4)")
+    p.add_argument("--batch", type=positive, default=1, help="images per request (default 1)")
     p.add_argument(
         "--weights",
         type=Path,
@@ -48,14 +41,14 @@ def parser() -> argparse.ArgumentParser:
         "a full-size synthetic checkpoint built there on first use, about 25 s and 2.6 GB)",
     )
     p.add_argument(
-        "--runs", type=_positive, default=None, help="timed runs per method (default 5 on cuda, 3 on cpu)"
+        "--runs", type=positive, default=None, help="timed runs per method (default 5 on cuda, 3 on cpu)"
     )
     p.add_argument(
         "--warmup", type=_non_negative, default=1, help="untimed runs per method first (default 1)"
     )
     p.add_argument(
         "--threads",
-        type=_positive,
+        type=positive,
         default=None,
         help="torch CPU threads for both methods (default: torch's own, one per core)",
     )
@@ -94,13 +87,13 @@ def parser() -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--clients",
-        type=_positive,
+        type=positive,
         default=None,
         help="serving mode: Cog's real server driven by this many concurrent clients, against one "
         "client at a time in the same run (bench/serving.py); no reference pipeline",
     )
     p.add_argument(
-        "--requests", type=_positive, default=8, help="serving mode: requests per phase (default 8)"
+        "--requests", type=positive, default=8, help="serving mode: requests per phase (default 8)"
     )
     p.add_argument(
         "--record",

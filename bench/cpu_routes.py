@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Optional
 
-from bench import RESULTS, passive_openmp
+from bench import RESULTS, passive_openmp, positive
 
 passive_openmp()  # before torch starts OpenMP
 
@@ -263,13 +263,6 @@ def _size(text: str) -> int:
     return value
 
 
-def _positive(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"{value} is not allowed: at least 1")
-    return value
-
-
 def _say(message: str) -> None:
     print(f"[cpu_routes] {message}", file=sys.stderr, flush=True)
 
@@ -283,7 +276,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     )
     p.add_argument(
         "--runs",
-        type=_positive,
+        type=positive,
         default=3,
         help="timed calls per route and model, after one warm-up (default 3)",
     )

@@ -41,7 +41,7 @@ from diffusers import (
     StableDiffusionInpaintPipeline,
 )
 from PIL import Image
-from test_controlnet import edge_map
+from test_controlnet import CASES, edge_map
 from test_engine import max_diff
 from test_inpaint import run_pipeline, to_uint8
 
@@ -190,22 +190,7 @@ def test_inpaint_equals_diffusers_inpainting_pipeline_in_bf16(bf16, ref, inputs,
     within("inpaint", bf16.generate(req).pixels[0], run_pipeline(pipe, req, **theirs))
 
 
-@pytest.mark.parametrize(
-    "kw",
-    [
-        {},
-        {
-            "num_inference_steps": 4,
-            "lcm_origin_steps": 20,
-            "guidance_scale": 3.0,
-            "controlnet_conditioning_scale": 0.7,
-            "control_guidance_start": 0.2,
-            "control_guidance_end": 0.8,
-            "canny_low_threshold": 50,
-            "canny_high_threshold": 120,
-        },
-    ],
-)
+@pytest.mark.parametrize("kw", CASES)
 def test_canny_controlnet_equals_diffusers_controlnet_pipeline_in_bf16(
     bf16, ref, tiny_checkpoint, inputs, kw
 ):

@@ -98,22 +98,24 @@ def test_vendored_config_is_the_sd15_unet_encoder_half():
     assert vendored.config.cross_attention_dim == 768 and vendored.config.conditioning_channels == 3
 
 
-@pytest.mark.parametrize(
-    "kw",
-    [
-        {},
-        {
-            "num_inference_steps": 4,
-            "lcm_origin_steps": 20,
-            "guidance_scale": 3.0,
-            "controlnet_conditioning_scale": 0.7,
-            "control_guidance_start": 0.2,
-            "control_guidance_end": 0.8,
-            "canny_low_threshold": 50,
-            "canny_high_threshold": 120,
-        },
-    ],
-)
+# The ControlNet settings each mode is compared with diffusers at (test_bf16.py too): the defaults, and
+# every setting moved.
+CASES = [
+    {},
+    {
+        "num_inference_steps": 4,
+        "lcm_origin_steps": 20,
+        "guidance_scale": 3.0,
+        "controlnet_conditioning_scale": 0.7,
+        "control_guidance_start": 0.2,
+        "control_guidance_end": 0.8,
+        "canny_low_threshold": 50,
+        "canny_high_threshold": 120,
+    },
+]
+
+
+@pytest.mark.parametrize("kw", CASES)
 def test_text_to_image_equals_diffusers_controlnet_pipeline(engine, blocks, kw):
     req = build(blocks, **kw)
     ref = controlnet_pipeline(engine, req.lcm_origin_steps)(

@@ -13,34 +13,16 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 import torch
+from test_compile import SIZE, max_diff, request  # the same requests as torch.compile's seam
 
 from cogserver import CogServer
 from lcm import accel, lora
 from lcm.engine import Engine
 from lcm.errors import LCMError
-from lcm.params import Request
 
 openvino_runtime = pytest.importorskip("lcm.openvino_runtime")
 
-SIZE = 256
 ENV = {"LCM_RUNTIME": "openvino", "LCM_COMPILE_SIZES": f"{SIZE}x{SIZE}"}
-
-
-def max_diff(a: np.ndarray, b: np.ndarray) -> int:
-    return int(np.abs(a.astype(np.int16) - b.astype(np.int16)).max())
-
-
-def request(**kw) -> Request:
-    return Request.build(
-        **{
-            "prompt": "a photo of a cat",
-            "width": SIZE,
-            "height": SIZE,
-            "seed": 5,
-            "num_inference_steps": 3,
-            **kw,
-        }
-    )
 
 
 @pytest.fixture(scope="module")
