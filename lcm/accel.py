@@ -24,7 +24,6 @@ unoptimised path.
 
 from __future__ import annotations
 
-import importlib
 import importlib.util
 import logging
 import os
@@ -109,7 +108,7 @@ def runtime(device: torch.device, dtype: torch.dtype, compile_on: bool) -> str:
     if not name:
         if device.type != "cpu" or dtype != torch.bfloat16 or compile_on or CPU_RUNTIME == "torch":
             return "torch"
-        if importlib.util.find_spec(CPU_RUNTIME) is None:
+        if not _installed(CPU_RUNTIME):
             log.info("%s is not installed (requirements-cpu.txt): the UNet and VAE run on torch", CPU_RUNTIME)
             return "torch"
         return CPU_RUNTIME
@@ -119,15 +118,20 @@ def runtime(device: torch.device, dtype: torch.dtype, compile_on: bool) -> str:
         raise LCMError(
             f"{RUNTIME_ENV}={name!r} is not allowed on {device}: use torch (openvino runs on a CPU)"
         )
-    if name == "openvino":
-        try:
-            importlib.import_module("openvino")
-        except ImportError as exc:
-            raise LCMError(
-                f"{RUNTIME_ENV}={name!r} is not allowed: the openvino package is not installed ({exc}); "
-                "install requirements-cpu.txt or use torch"
-            ) from exc
+    if name == "openvino" and not _installed(name):
+        raise LCMError(
+            f"{RUNTIME_ENV}={name!r} is not allowed: the openvino package is not installed; "
+            "install requirements-cpu.txt or use torch"
+        )
     return name
+
+
+def _installed(package: str) -> bool:
+    """Whether the package can be imported, found without importing it (lcm.engine imports it)."""
+    try:
+        return importlib.util.find_spec(package) is not None
+    except ValueError:  # in sys.modules without a spec: an import of it fails
+        return False
 
 
 def compile_sizes() -> tuple[tuple[int, int, int], ...]:

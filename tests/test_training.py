@@ -440,7 +440,10 @@ def test_a_lora_is_served_without_fused_projections_or_compile_even_when_they_ar
     engine = Engine.load(tiny_checkpoint, device="cpu", lora_path=trained.lora)
     try:
         assert not engine.accel.fuse_qkv and not engine.accel.compile and not engine.compiled
-        assert any("LCM_FUSE_QKV and LCM_COMPILE are off" in r.getMessage() for r in caplog.records)
+        assert any(
+            "LCM_FUSE_QKV, LCM_COMPILE and LCM_RUNTIME=openvino are off" in r.getMessage()
+            for r in caplog.records
+        )
         request = Request.build(CAPTION, width=256, height=256, num_inference_steps=2, seed=3)
         assert np.array_equal(engine.generate(request).pixels, tuned.generate(request).pixels)
     finally:
