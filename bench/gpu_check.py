@@ -122,7 +122,6 @@ def step_precision(args: argparse.Namespace) -> None:
     import torch
 
     from lcm.engine import Engine
-    from lcm.loading import load_pipeline
     from lcm.params import Request
 
     device = torch.device(args.device)
@@ -131,10 +130,8 @@ def step_precision(args: argparse.Namespace) -> None:
     )
     images = {}
     for dtype in (torch.float16, torch.float32):
-        if dtype == torch.float16:  # as served: Engine.load's settings (a bf16 or fp32 VAE, see accel)
-            engine = Engine.load(args.weights, device=args.device)
-        else:
-            engine = Engine(load_pipeline(args.weights, device, dtype), device, dtype, Path(args.weights))
+        # fp16 as served: Engine.load's settings (a bf16 or fp32 VAE, see accel); fp32 the same in fp32.
+        engine = Engine.load(args.weights, device=args.device, dtype=str(dtype).removeprefix("torch."))
         nan: dict[str, bool] = {"unet": False, "vae": False}
 
         def watch(name: str, nan: dict[str, bool] = nan) -> Callable[..., None]:
@@ -144,12 +141,14 @@ def step_precision(args: argparse.Namespace) -> None:
 
             return hook
 
-        engine.pipe.unet.register_forward_hook(watch("unet"))
-        engine.pipe.vae.decoder.register_forward_hook(watch("vae"))
+        engine.model.pipe.unet.register_forward_hook(watch("unet"))
+        engine.model.pipe.vae.decoder.register_forward_hook(watch("vae"))
         start = time.perf_counter()
         pixels = engine.generate(request).pixels
         images[dtype] = pixels
-        unet, vae = (str(m.dtype).removeprefix("torch.") for m in (engine.pipe.unet, engine.pipe.vae))
+        unet, vae = (
+            str(m.dtype).removeprefix("torch.") for m in (engine.model.pipe.unet, engine.model.pipe.vae)
+        )
         _say(
             f"UNet {unet}, VAE {vae}: {time.perf_counter() - start:.2f}s, "
             f"NaN in UNet {nan['unet']}, in VAE decoder {nan['vae']}, "
@@ -193,7 +192,7 @@ def step_predictor_threads(args: argparse.Namespace) -> None:
         ("512x512", {"width": 512, "height": 512}),
         ("num_images=4", {"num_images": 4}),
         ("image to image", {"image": downloaded}),
-        (f"{LONG_TOKENS}-token prompt", {"prompt": _long_prompt(predictor.engine.pipe.tokenizer)}),
+        (f"{LONG_TOKENS}-token prompt", {"prompt": _long_prompt(predictor.engine.model.pipe.tokenizer)}),
     ]
     defaults = {k: getattr(v.default, "default", v.default) for k, v in _predict_parameters(predict).items()}
     for i, (label, inputs) in enumerate(cases):

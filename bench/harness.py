@@ -46,8 +46,8 @@ from bench import DEFAULT_WEIGHTS, report
 from bench.memory import MemoryWatch, Usage, release
 from bench.results import SEED, Output, Result, Run, Settings
 from lcm import allocator, control, images, prompts
-from lcm.engine import FREEU
 from lcm.errors import LCMError
+from lcm.generation import FREEU
 from lcm.loading import CONTROLNET_DIR, DEVICE_DTYPES, DEVICE_ENV, DTYPES, dtype_name, pick_device
 from lcm.params import DEFAULT_PROMPT, SPECS, Request
 from lcm.weights import WEIGHTS_ENV, check_weights
@@ -173,8 +173,8 @@ class Ours:
         self.predictor = predict.Predictor()
         self.predictor.setup()
         engine = self.predictor.engine
-        self.dtype = dtype_name(engine.dtype)
-        self.speed = engine.accel.describe()
+        self.dtype = dtype_name(engine.model.dtype)
+        self.speed = engine.model.accel.describe()
         generate_batch = engine.generate_batch
 
         def observed(requests: list[Request], cancels: list[Any], on_step: Any = None) -> Any:
@@ -189,8 +189,8 @@ class Ours:
             return [self.generation]
 
         engine.generate_batch = observed
-        if engine.controlnet is not None:
-            self.recorder.wrap(engine.controlnet, "forward", "controlnet", "controlnet.forward")
+        if engine.model.controlnet is not None:
+            self.recorder.wrap(engine.model.controlnet, "forward", "controlnet", "controlnet.forward")
         self.kwargs = predict_inputs(self.settings)
         self.urls: dict[str, str] = {}  # the mode's input files, as data: URLs
         if self.settings.mode == "inpaint":
@@ -202,7 +202,7 @@ class Ours:
     def enter(self) -> None:
         """The allocator as the service leaves it: the reference's turn may have reset it. The mode's
         files are downloaded here, off the clock, as Cog downloads them before predict() runs."""
-        if self.predictor.engine.accel.hold_memory:
+        if self.predictor.engine.model.accel.hold_memory:
             allocator.hold_freed_memory(True)
         for name, url in self.urls.items():
             self.kwargs[name] = predict.cog.types.Path.validate(url).convert()

@@ -17,7 +17,7 @@ import transformers
 
 from bench.memory import GIB
 from bench.results import OTHER, Result, Settings
-from lcm.engine import FREEU
+from lcm.generation import FREEU
 from lcm.loading import native_bf16
 
 ROOT = Path(__file__).resolve().parent.parent

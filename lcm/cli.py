@@ -77,9 +77,9 @@ def _request(args: argparse.Namespace, lora_sha256: Optional[str]) -> tuple[para
     """The request to run and the dtype to run it in (None: the engine's choice); for reproduce, the
     file's request and dtype, refused unless --lora is the LoRA it was made with."""
     if args.command == "reproduce":
-        from lcm.engine import DTYPE_KEY
         from lcm.loading import legacy_dtype, pick_device
         from lcm.metadata import read_metadata
+        from lcm.outputs import DTYPE_KEY
 
         meta = read_metadata(args.file)
         wanted = meta.get("lora_sha256")

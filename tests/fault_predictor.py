@@ -20,7 +20,7 @@ class Predictor(predict.Predictor):
     def setup(self) -> None:
         super().setup()
         engine = self.engine
-        generate_batch, forward = engine.generate_batch, engine.pipe.unet.forward
+        generate_batch, forward = engine.generate_batch, engine.model.pipe.unet.forward
         current: dict[str, bool] = {"oom": False}
 
         def generate_and_note(requests: list[Request], *args: Any, **kwargs: Any) -> Any:
@@ -35,4 +35,4 @@ class Predictor(predict.Predictor):
             return forward(*args, **kwargs)
 
         engine.generate_batch = generate_and_note
-        engine.pipe.unet.forward = forward_or_oom
+        engine.model.pipe.unet.forward = forward_or_oom

@@ -13,6 +13,7 @@ import threading
 from typing import Any
 
 import lcm.engine
+import lcm.model
 import predict
 
 PROBE = re.compile(r"probe setup=(\d+) load=([\d,]+) engine=(\d+) predict=(\d+) model=([\d,]+)")
@@ -25,18 +26,18 @@ def _ids(found: set[int]) -> str:
 class Predictor(predict.Predictor):
     def setup(self) -> None:
         setup_thread, load_threads = threading.get_ident(), set()
-        load = lcm.engine.load_pipeline
+        load = lcm.model.load_pipeline
 
         def recording_load(*args: Any, **kwargs: Any) -> Any:
             load_threads.add(threading.get_ident())
             return load(*args, **kwargs)
 
-        lcm.engine.load_pipeline = recording_load
+        lcm.model.load_pipeline = recording_load
         try:
             super().setup()
         finally:
-            lcm.engine.load_pipeline = load
-        engine, pipe = self.engine, self.engine.pipe
+            lcm.model.load_pipeline = load
+        engine, pipe = self.engine, self.engine.model.pipe
         model_threads: set[int] = set()
         current = {"predict": 0}
         for module in (pipe.unet, pipe.vae, pipe.text_encoder, pipe.safety_checker):

@@ -15,7 +15,7 @@ from diffusers import LCMScheduler
 from diffusers.models.attention_processor import Attention, FusedAttnProcessor2_0
 from PIL import Image
 
-from lcm import accel, allocator, sampler
+from lcm import accel, allocator, sampler, starts
 from lcm.engine import Engine
 from lcm.errors import LCMError
 from lcm.loading import default_dtype, pick_device
@@ -58,7 +58,7 @@ def baseline(tiny_checkpoint):
         for name, value in OFF.items():
             mp.setenv(name, value)
         engine = Engine.load(tiny_checkpoint, device="cpu")
-    assert engine.accel == accel.Accel(planned_step=False, channels_last=False, hold_memory=False)
+    assert engine.model.accel == accel.Accel(planned_step=False, channels_last=False, hold_memory=False)
     return engine
 
 
@@ -101,7 +101,7 @@ def test_planned_step_matches_scheduler_step(
 ):
     planned = load_with(tiny_checkpoint, monkeypatch, LCM_PLANNED_STEP="1")
     kw = {"image": gradient, "num_inference_steps": 2} if image else {}
-    steps = len(baseline.scheduler(request(**kw)).timesteps)
+    steps = len(baseline.model.scheduler(request(**kw)).timesteps)
     ours = planned.generate(request(**kw)).pixels
     assert steps_taken == {"planned": 1}  # one plan per request, and no scheduler.step
     steps_taken.clear()
@@ -112,14 +112,14 @@ def test_planned_step_matches_scheduler_step(
 
 def test_planned_step_equals_scheduler_step_on_latents(baseline):
     """Tighter than pixels: the denoised latents themselves."""
-    pipe = baseline.pipe
+    pipe = baseline.model.pipe
     req = request()
     embeds = torch.zeros(1, 77, pipe.text_encoder.config.hidden_size)
     runs = []
     for planned in (False, True):
         gens = sampler.generators_for(req.seeds)
-        sched = baseline.scheduler(req)
-        start = baseline.start_latents(req, sched, gens)
+        sched = baseline.model.scheduler(req)
+        start = starts.start_latents(baseline.model, req, sched, gens)
         runs.append(sampler.sample(pipe.unet, sched, embeds, start, 8.0, gens, planned=planned))
     torch.testing.assert_close(runs[0], runs[1], rtol=1e-4, atol=1e-5)
 
@@ -129,7 +129,7 @@ def channels_last_weights(engine: Engine) -> list[bool]:
 
     (A 1x1 kernel's weight is both contiguous and channels_last, so those say nothing.)
     """
-    modules = (engine.pipe.unet, engine.pipe.vae, engine.taesd)
+    modules = (engine.model.pipe.unet, engine.model.pipe.vae, engine.model.taesd)
     convs = [m for module in modules for m in module.modules() if isinstance(m, torch.nn.Conv2d)]
     formats = [
         c.weight.is_contiguous(memory_format=torch.channels_last) for c in convs if c.kernel_size != (1, 1)
@@ -152,7 +152,7 @@ def generate_counting_projections(engine: Engine, req: Request) -> tuple[np.ndar
     calls: Counter = Counter()
     handles = [
         projection.register_forward_hook(lambda *_, name=name: calls.update([name]))
-        for model in (engine.pipe.unet, engine.pipe.vae)
+        for model in (engine.model.pipe.unet, engine.model.pipe.vae)
         for attention in model.modules()
         if isinstance(attention, Attention)
         for name in PROJECTIONS
@@ -170,7 +170,7 @@ def test_fused_qkv_keeps_outputs_and_runs_fused(baseline, tiny_checkpoint, monke
     engine = load_with(tiny_checkpoint, monkeypatch, LCM_FUSE_QKV="1")
     attentions = [
         m
-        for model in (engine.pipe.unet, engine.pipe.vae)
+        for model in (engine.model.pipe.unet, engine.model.pipe.vae)
         for m in model.modules()
         if isinstance(m, Attention)
     ]
@@ -209,7 +209,7 @@ def test_decode_chunk_decodes_several_images_per_pass(baseline, tiny_checkpoint,
     pixels = {}
     for name, eng in (("chunked", engine), ("alone", baseline)):
         sizes = passes.setdefault(name, [])
-        handle = eng.pipe.vae.decoder.register_forward_pre_hook(
+        handle = eng.model.pipe.vae.decoder.register_forward_pre_hook(
             lambda _, args, s=sizes: s.append(len(args[0]))
         )
         try:
@@ -222,7 +222,7 @@ def test_decode_chunk_decodes_several_images_per_pass(baseline, tiny_checkpoint,
 
 def test_bfloat16_vae_stays_close(baseline, tiny_checkpoint, monkeypatch):
     engine = load_with(tiny_checkpoint, monkeypatch, LCM_VAE_DTYPE="bfloat16")
-    assert engine.pipe.vae.dtype == torch.bfloat16 and engine.pipe.unet.dtype == torch.float32
+    assert engine.model.pipe.vae.dtype == torch.bfloat16 and engine.model.pipe.unet.dtype == torch.float32
     small = request(num_images=1, num_inference_steps=2)  # bfloat16 is emulated, so slow, on most CPUs
     ours, ref = engine.generate(small).pixels, baseline.generate(small).pixels
     assert np.abs(ours.astype(float) - ref).mean() < 1.5 and max_diff(ours, ref) <= 12

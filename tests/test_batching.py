@@ -37,9 +37,9 @@ def pixels(path: Path) -> np.ndarray:
 @pytest.fixture
 def batching(engine, monkeypatch):
     """The session engine with a batch budget, its thread held until `release()`, UNet rows recorded."""
-    monkeypatch.setattr(engine, "accel", dataclasses.replace(engine.accel, batch_pixels=BUDGET))
+    monkeypatch.setattr(engine.model, "accel", dataclasses.replace(engine.model.accel, batch_pixels=BUDGET))
     rows: list[int] = []
-    handle = engine.pipe.unet.register_forward_pre_hook(lambda _m, args: rows.append(args[0].shape[0]))
+    handle = engine.model.pipe.unet.register_forward_pre_hook(lambda _m, args: rows.append(args[0].shape[0]))
     gate = threading.Event()
     blocker = engine.thread.submit(lambda _flag: gate.wait(60))
 
@@ -80,7 +80,8 @@ def test_queued_requests_that_fit_share_passes_and_equal_themselves_alone(batchi
 
 def test_the_budget_bounds_what_joins_the_oldest_request(batching, tmp_path, monkeypatch):
     engine, rows, release = batching
-    monkeypatch.setattr(engine, "accel", dataclasses.replace(engine.accel, batch_pixels=3 * 256 * 256))
+    budget = dataclasses.replace(engine.model.accel, batch_pixels=3 * 256 * 256)
+    monkeypatch.setattr(engine.model, "accel", budget)
     jobs = [engine.submit(r, tmp_path / f"{i}") for i, r in enumerate(REQUESTS)]  # 1 + 2 + 1 images
     release()
     served = [job.result() for job in jobs]
@@ -95,7 +96,7 @@ def test_a_request_cancelled_in_a_batch_leaves_it_at_the_next_step(batching, tmp
         request("a dog", num_inference_steps=6, seed=8),
     ]
     jobs = [engine.submit(r, tmp_path / f"batch-{i}") for i, r in enumerate(slow)]
-    handle = engine.pipe.unet.register_forward_pre_hook(
+    handle = engine.model.pipe.unet.register_forward_pre_hook(
         lambda *_: jobs[0].cancel() if len(rows) == 2 else None
     )
     try:
@@ -221,3 +222,4 @@ def test_every_slot_serves_and_the_request_beyond_them_gets_cogs_answer(batch_se
         webhooks.close()
     assert status == 409 and "capacity" in str(body).lower(), (status, body)
     assert [e["status"] for e in events] == ["succeeded"] * slots
+

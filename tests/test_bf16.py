@@ -46,7 +46,8 @@ from test_engine import max_diff
 from test_inpaint import run_pipeline, to_uint8
 
 from lcm import lora, prompts
-from lcm.engine import FREEU, Engine
+from lcm.engine import Engine
+from lcm.generation import FREEU
 from lcm.loading import CONTROLNET_DIR
 from lcm.params import Request
 from lcm.worker import CancelFlag
@@ -96,7 +97,7 @@ def pretrained(checkpoint: Path, channels_last: bool) -> LatentConsistencyModelP
 
 @pytest.fixture(scope="module")
 def ref(tiny_checkpoint, bf16) -> LatentConsistencyModelPipeline:
-    return pretrained(tiny_checkpoint, bf16.accel.channels_last)
+    return pretrained(tiny_checkpoint, bf16.model.accel.channels_last)
 
 
 @pytest.fixture(scope="module")
@@ -256,13 +257,13 @@ def lora_file(lora_weights, tmp_path_factory) -> Path:
 def test_lora_equals_diffusers_load_lora_weights_in_bf16(tiny_checkpoint, lora_file, scale):
     engine = Engine.load(tiny_checkpoint, device="cpu", lora_path=lora_file, dtype="bfloat16")
     try:
-        assert {p.dtype for p in engine.pipe.unet.parameters()} == {BF16}  # the LoRA's layers too
+        assert {p.dtype for p in engine.model.pipe.unet.parameters()} == {BF16}  # the LoRA's layers too
         req = request(prompt="a photo", lora_scale=scale)
         ours = engine.generate(req).pixels[0]
         plain = engine.generate(request(prompt="a photo", lora_scale=0.0)).pixels[0]
     finally:
         engine.close()
-    pipe = pretrained(tiny_checkpoint, engine.accel.channels_last)
+    pipe = pretrained(tiny_checkpoint, engine.model.accel.channels_last)
     pipe.load_lora_weights(str(lora_file.parent), weight_name=lora_file.name, adapter_name="trained")
     pipe.set_adapters(["trained"], adapter_weights=[scale])
     within("lora", ours, run_lcm(pipe, req))
@@ -288,11 +289,11 @@ def test_a_batch_equals_its_requests_alone_in_bf16(bf16):
 
 
 def test_every_model_a_request_runs_is_bf16(bf16):
-    pipe = bf16.pipe
+    pipe = bf16.model.pipe
     parts = {name: pipe.components[name] for name in ("unet", "vae", "text_encoder", "safety_checker")}
-    parts |= {"controlnet": bf16.controlnet, "taesd": bf16.taesd}
+    parts |= {"controlnet": bf16.model.controlnet, "taesd": bf16.model.taesd}
     assert all(module is not None for module in parts.values())  # the tiny checkpoint has them all
-    assert bf16.dtype == BF16
+    assert bf16.model.dtype == BF16
     for name, module in parts.items():
         assert {p.dtype for p in module.parameters()} == {BF16}, name
 
@@ -301,7 +302,7 @@ def test_every_model_a_request_runs_is_bf16(bf16):
 def test_bf16_differs_from_fp32_within_a_bound(bf16, engine, kw):
     """Not the fp32 image, so bf16 really ran; near it, so it is the same model and method."""
     req = request(**kw)
-    assert engine.dtype == torch.float32
+    assert engine.model.dtype == torch.float32
     ours, fp32 = bf16.generate(req).pixels[0], engine.generate(req).pixels[0]
     diff = max_diff(ours, fp32)
     print(f"bf16 against fp32: max pixel difference {diff}")

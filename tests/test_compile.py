@@ -68,8 +68,8 @@ def image_file(tmp_path_factory) -> Path:
 def test_after_setup_no_request_compiles_and_every_request_matches_eager(
     compiled, engine, image_file, caplog
 ):
-    assert [m.name for m in compiled.compiled] == ["unet", "vae"]
-    assert all(m.sealed and m.signatures for m in compiled.compiled)
+    assert [m.name for m in compiled.model.compiled] == ["unet", "vae"]
+    assert all(m.sealed and m.signatures for m in compiled.model.compiled)
     frames = counters["frames"]["total"]
     cases = [
         ("the compiled size", request(), []),
@@ -88,10 +88,10 @@ def test_after_setup_no_request_compiles_and_every_request_matches_eager(
     assert counters["frames"]["total"] == frames  # dynamo compiled no frame after setup
     assert not engine.generate(request()).eager  # compile off: no note at all
     with caplog.at_level(logging.INFO, logger="lcm"):
-        compiled.generate_files(request(width=SIZE + 8), compiled.weights_dir.parent / "compile-out")
+        compiled.generate_files(request(width=SIZE + 8), compiled.model.weights_dir.parent / "compile-out")
     assert "graphs=eager(unet+vae: not a size compiled in setup, see LCM_COMPILE_SIZES)" in caplog.text
     with caplog.at_level(logging.INFO, logger="lcm"):
-        compiled.generate_files(request(freeu=True), compiled.weights_dir.parent / "compile-freeu")
+        compiled.generate_files(request(freeu=True), compiled.model.weights_dir.parent / "compile-freeu")
     assert "freeu=on" in caplog.text and "graphs=eager(unet: FreeU runs it uncompiled)" in caplog.text
 
 
@@ -115,7 +115,7 @@ def test_saved_artifacts_turn_a_fresh_process_compile_into_cache_hits(compiled, 
     misses = counters["inductor"]["fxgraph_cache_miss"]
     torch.compile(eval(PROBE), dynamic=False)(torch.ones(8, 8))
     assert counters["inductor"]["fxgraph_cache_miss"] == misses + 1
-    saved = compiling.save_cache(tmp_path, compiled.device)
+    saved = compiling.save_cache(tmp_path, compiled.model.device)
     assert saved.stat().st_size > 0 and json.loads((tmp_path / compiling.CACHE_FINGERPRINT).read_text())
 
     fresh = tmp_path / "fresh"

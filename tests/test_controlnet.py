@@ -67,13 +67,13 @@ def edge_map(fitted: Image.Image, low: int, high: int) -> Image.Image:
 
 def controlnet_pipeline(engine, origin_steps: int) -> StableDiffusionControlNetPipeline:
     """diffusers' ControlNet pipeline over the engine's own components and the LCM scheduler."""
-    pipe = engine.pipe
+    pipe = engine.model.pipe
     ref = StableDiffusionControlNetPipeline(
         vae=pipe.vae,
         text_encoder=pipe.text_encoder,
         tokenizer=pipe.tokenizer,
         unet=pipe.unet,
-        controlnet=engine.controlnet,
+        controlnet=engine.model.controlnet,
         scheduler=LCMScheduler.from_config(pipe.scheduler.config, original_inference_steps=origin_steps),
         safety_checker=None,
         feature_extractor=pipe.feature_extractor,
@@ -147,7 +147,7 @@ def test_image_to_image_equals_diffusers_pieces(engine, blocks, photo):
         blocks, image=photo, prompt_strength=0.6, num_inference_steps=3, controlnet_conditioning_scale=1.5
     )
     assert (req.width, req.height) == (320, 256) and req.control_image.size == (320, 256)
-    pipe = engine.pipe
+    pipe = engine.model.pipe
     lcm_img2img = LatentConsistencyModelImg2ImgPipeline(**pipe.components)
     scheduler = LCMScheduler.from_config(pipe.scheduler.config)
     scheduler.set_timesteps(3, original_inference_steps=50, strength=0.6)
@@ -250,7 +250,7 @@ def test_output_size_follows_the_control_image_then_the_image(blocks, photo, tmp
 
 
 def test_missing_controlnet_weights_say_what_to_run(engine, blocks, monkeypatch):
-    monkeypatch.setattr(engine, "controlnet", None)
+    monkeypatch.setattr(engine.model, "controlnet", None)
     with pytest.raises(LCMError, match="controlnet-canny.*scripts/download-weights.*control_v11p_sd15_canny"):
         engine.generate(build(blocks))
 

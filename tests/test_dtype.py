@@ -14,10 +14,11 @@ from PIL import Image
 
 from lcm import images
 from lcm.cli import main as cli_main
-from lcm.engine import DTYPE_KEY, Engine
+from lcm.engine import Engine
 from lcm.errors import LCMError
 from lcm.loading import DTYPE_ENV, choose_dtype, native_bf16
 from lcm.metadata import read_metadata
+from lcm.outputs import DTYPE_KEY
 from lcm.params import Request
 
 CPU = torch.device("cpu")
@@ -122,8 +123,8 @@ def test_an_engine_loaded_without_lcm_dtype_runs_the_hardware_choice_and_says_wh
         engine = Engine.load(tiny_checkpoint, device="cpu")
     try:
         found = native_bf16()
-        assert engine.dtype == (torch.bfloat16 if found else torch.float32)
-        assert engine.pipe.unet.dtype == engine.dtype
+        assert engine.model.dtype == (torch.bfloat16 if found else torch.float32)
+        assert engine.model.pipe.unet.dtype == engine.model.dtype
         name, why = setup_line(caplog)
         assert name == ("bfloat16" if found else "float32")
         assert why == (
@@ -139,7 +140,7 @@ def test_the_setup_line_names_lcm_dtype_when_it_chose(tiny_checkpoint, monkeypat
     with caplog.at_level(logging.INFO, logger="lcm"):
         engine = Engine.load(tiny_checkpoint, device="cpu")
     try:
-        assert engine.dtype == getattr(torch, value)
+        assert engine.model.dtype == getattr(torch, value)
         name, why = setup_line(caplog)
         assert name == value and why.startswith(f"{DTYPE_ENV}={value}")
     finally:
@@ -179,7 +180,7 @@ def test_a_file_without_a_dtype_reproduces_in_float32_byte_for_byte(
     engine, tiny_checkpoint, tmp_path, monkeypatch, caplog
 ):
     """Files made before the dtype was recorded ran in float32 on a CPU: LCM_DTYPE does not change that."""
-    assert engine.dtype == torch.float32
+    assert engine.model.dtype == torch.float32
     first = engine.generate_files(request(), tmp_path / "first")[0]
     meta = read_metadata(first)
     assert meta.pop(DTYPE_KEY) == "float32"

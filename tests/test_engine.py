@@ -78,7 +78,7 @@ def test_same_seed_same_pixels_other_seed_other_image(engine):
 
 
 def test_lcm_origin_steps_changes_the_schedule_and_image(engine):
-    s50, s20 = engine.scheduler(request()), engine.scheduler(request(lcm_origin_steps=20))
+    s50, s20 = engine.model.scheduler(request()), engine.model.scheduler(request(lcm_origin_steps=20))
     assert s50.timesteps.tolist() != s20.timesteps.tolist()
     assert not np.array_equal(
         engine.generate(request()).pixels, engine.generate(request(lcm_origin_steps=20)).pixels
@@ -98,7 +98,7 @@ def test_guidance_embedding_is_diffusers_w_embedding():
 
 def test_one_unet_pass_per_step_with_timestep_cond(engine):
     calls = []
-    handle = engine.pipe.unet.register_forward_pre_hook(
+    handle = engine.model.pipe.unet.register_forward_pre_hook(
         lambda module, args, kwargs: calls.append(kwargs.get("timestep_cond")), with_kwargs=True
     )
     try:
@@ -106,7 +106,9 @@ def test_one_unet_pass_per_step_with_timestep_cond(engine):
     finally:
         handle.remove()
     assert len(calls) == 5
-    assert all(c is not None and c.shape == (2, engine.pipe.unet.config.time_cond_proj_dim) for c in calls)
+    assert all(
+        c is not None and c.shape == (2, engine.model.pipe.unet.config.time_cond_proj_dim) for c in calls
+    )
 
 
 @pytest.mark.parametrize(

@@ -49,7 +49,7 @@ def watched(engine):
         )
 
     handles = [
-        getattr(engine.pipe, name).register_forward_pre_hook(note, with_kwargs=True) for name in MODULES
+        getattr(engine.model.pipe, name).register_forward_pre_hook(note, with_kwargs=True) for name in MODULES
     ]
     yield seen
     for handle in handles:
@@ -66,7 +66,7 @@ def test_generations_from_many_threads_all_run_on_the_engine_thread(engine, watc
 
 
 def test_no_tensor_in_a_request_requires_grad(engine, watched, image_file):
-    params = [p for name in MODULES for p in getattr(engine.pipe, name).parameters()]
+    params = [p for name in MODULES for p in getattr(engine.model.pipe, name).parameters()]
     assert params and not any(p.requires_grad for p in params)
     engine.generate(request(image=str(image_file), num_inference_steps=2))
     engine.generate(request(prompt="a cat " * 60))  # two token windows
@@ -75,11 +75,12 @@ def test_no_tensor_in_a_request_requires_grad(engine, watched, image_file):
 
 def test_loading_runs_on_the_engine_thread(tiny_checkpoint, monkeypatch):
     import lcm.engine
+    import lcm.model
 
     threads = []
-    load = lcm.engine.load_pipeline
+    load = lcm.model.load_pipeline
     monkeypatch.setattr(
-        lcm.engine, "load_pipeline", lambda *a, **k: threads.append(threading.get_ident()) or load(*a, **k)
+        lcm.model, "load_pipeline", lambda *a, **k: threads.append(threading.get_ident()) or load(*a, **k)
     )
     engine = lcm.engine.Engine.load(tiny_checkpoint, device="cpu")
     try:
@@ -90,7 +91,7 @@ def test_loading_runs_on_the_engine_thread(tiny_checkpoint, monkeypatch):
 
 def test_a_cancel_flag_stops_the_request_after_the_current_step(engine, tmp_path):
     passes = []
-    handle = engine.pipe.unet.register_forward_pre_hook(lambda *_: passes.append(1))
+    handle = engine.model.pipe.unet.register_forward_pre_hook(lambda *_: passes.append(1))
     holder = {}
 
     def cancel_at_second_step(step: int, timestep) -> None:

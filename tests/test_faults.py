@@ -43,9 +43,9 @@ def test_out_of_memory_fails_that_request_frees_memory_and_the_next_works(engine
     request, alone = Request.build(**small, num_images=2), Request.build(**small)
     before = engine.generate(alone).pixels
     freed: list[bool] = []
-    free_memory = engine.free_memory
-    monkeypatch.setattr(engine, "free_memory", lambda: freed.append(True) or free_memory())
-    module = engine.pipe.unet if where == "unet" else engine.pipe.vae
+    free_memory = engine.model.free_memory
+    monkeypatch.setattr(engine.model, "free_memory", lambda: freed.append(True) or free_memory())
+    module = engine.model.pipe.unet if where == "unet" else engine.model.pipe.vae
     monkeypatch.setattr(module, "forward" if where == "unet" else "decode", oom)
     with pytest.raises(LCMError) as caught:
         engine.generate(request)

@@ -29,7 +29,7 @@ def to_uint8(images: np.ndarray) -> np.ndarray:
 
 def reference_image(engine, replace: dict | None = None, **inputs) -> np.ndarray:
     """diffusers' pipeline over the engine's components (some replaced): 256x256, 2 steps, seed 5."""
-    ref = engine.pipe.__class__(**{**engine.pipe.components, **(replace or {})})
+    ref = engine.model.pipe.__class__(**{**engine.model.pipe.components, **(replace or {})})
     ref.set_progress_bar_config(disable=True)
     generator = torch.Generator("cpu").manual_seed(5)
     return ref(
@@ -110,7 +110,7 @@ def test_prompt_strength_rules(photo):
 
 
 def test_short_prompt_ids_are_diffusers_ids(engine):
-    tok = engine.pipe.tokenizer
+    tok = engine.model.pipe.tokenizer
     windows, count = prompts.token_windows(tok, "a photo of a cat")
     ref = tok("a photo of a cat", padding="max_length", max_length=77, truncation=True).input_ids
     assert windows == [ref]
@@ -119,7 +119,7 @@ def test_short_prompt_ids_are_diffusers_ids(engine):
 
 def test_words_past_77_tokens_change_the_image(engine):
     base = "a cat " * 40  # the tiny tokenizer spells most words letter by letter: well past 77 tokens
-    assert prompts.token_windows(engine.pipe.tokenizer, base)[1] > 77
+    assert prompts.token_windows(engine.model.pipe.tokenizer, base)[1] > 77
     a = engine.generate(request(prompt=base + "on a red sofa")).pixels
     b = engine.generate(request(prompt=base + "in deep blue sea")).pixels
     assert not np.array_equal(a, b)
@@ -133,8 +133,10 @@ def test_too_long_prompt_is_refused_with_counts(engine):
 @pytest.mark.parametrize("clip_skip", [1, 2])
 def test_clip_skip_uses_the_output_of_layer_L_minus_k(engine, clip_skip):
     """Reference: the same text encoder cut to L - k layers, fed to diffusers' pipeline as prompt_embeds."""
-    cut = cut_text_encoder(engine.pipe.text_encoder, clip_skip)
-    ids = engine.pipe.tokenizer("a photo of a cat", padding="max_length", max_length=77, return_tensors="pt")
+    cut = cut_text_encoder(engine.model.pipe.text_encoder, clip_skip)
+    ids = engine.model.pipe.tokenizer(
+        "a photo of a cat", padding="max_length", max_length=77, return_tensors="pt"
+    )
     with torch.no_grad():
         embeds = cut(ids.input_ids)[0]
     out = reference_image(engine, prompt_embeds=embeds)
@@ -146,7 +148,7 @@ def test_clip_skip_uses_the_output_of_layer_L_minus_k(engine, clip_skip):
 
 
 def test_clip_skip_is_bounded_by_the_loaded_text_encoder(engine):
-    layers = engine.pipe.text_encoder.config.num_hidden_layers
+    layers = engine.model.pipe.text_encoder.config.num_hidden_layers
     with pytest.raises(
         InputError, match=f"clip_skip={layers} is not allowed: an integer from 0 to {layers - 1}"
     ):
@@ -159,7 +161,7 @@ def test_clip_skip_is_bounded_by_the_loaded_text_encoder(engine):
 @pytest.fixture
 def flag_everything(engine):
     """Force the tiny checkpoint's checker to flag every image: thresholds below any cosine similarity."""
-    weights = engine.pipe.safety_checker.concept_embeds_weights
+    weights = engine.model.pipe.safety_checker.concept_embeds_weights
     saved = weights.detach().clone()
     weights.data.fill_(-1.5)
     yield
@@ -265,14 +267,14 @@ def test_img2img_file_reproduces_only_with_its_input_image(engine, tiny_checkpoi
 
 
 def test_fast_decode_equals_diffusers_with_taesd_as_its_vae(engine):
-    assert engine.taesd is not None
-    out = reference_image(engine, {"vae": engine.taesd}, prompt="a photo of a cat")
+    assert engine.model.taesd is not None
+    out = reference_image(engine, {"vae": engine.model.taesd}, prompt="a photo of a cat")
     ours = engine.generate(request(num_inference_steps=2, fast_decode=True)).pixels[0]
     assert max_diff(ours, to_uint8(out)) <= 1
     assert max_diff(ours, engine.generate(request(num_inference_steps=2)).pixels[0]) > 10
 
 
 def test_fast_decode_without_taesd_says_how_to_get_it(engine, monkeypatch):
-    monkeypatch.setattr(engine, "taesd", None)
+    monkeypatch.setattr(engine.model, "taesd", None)
     with pytest.raises(LCMError, match=r"fast_decode needs the TAESD decoder in .*taesd.*download-weights"):
         engine.generate(request(fast_decode=True))

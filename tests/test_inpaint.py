@@ -21,7 +21,7 @@ from diffusers.image_processor import VaeImageProcessor
 from diffusers.utils.torch_utils import randn_tensor
 from PIL import Image
 
-from lcm import batching, images, prompts, sampler
+from lcm import batching, images, prompts, sampler, starts
 from lcm.cli import main as cli_main
 from lcm.errors import InputError
 from lcm.metadata import read_metadata
@@ -68,8 +68,11 @@ def inpaint(files, **kw) -> Request:
 def pipeline(engine) -> StableDiffusionInpaintPipeline:
     """diffusers' inpainting pipeline over the engine's own components, with the LCM scheduler."""
     names = ("vae", "text_encoder", "tokenizer", "unet", "feature_extractor")
-    parts = {name: engine.pipe.components[name] for name in names}
-    parts |= {"scheduler": LCMScheduler.from_config(engine.pipe.scheduler.config), "safety_checker": None}
+    parts = {name: engine.model.pipe.components[name] for name in names}
+    parts |= {
+        "scheduler": LCMScheduler.from_config(engine.model.pipe.scheduler.config),
+        "safety_checker": None,
+    }
     pipe = StableDiffusionInpaintPipeline(**parts, requires_safety_checker=False)
     pipe.set_progress_bar_config(disable=True)
     return pipe
@@ -104,11 +107,11 @@ def test_equals_diffusers_inpainting_pipeline_where_the_schedules_agree(
     engine, pipeline, files, ours, theirs
 ):
     req = inpaint(files, **ours)
-    pipe_scheduler = LCMScheduler.from_config(engine.pipe.scheduler.config)
+    pipe_scheduler = LCMScheduler.from_config(engine.model.pipe.scheduler.config)
     pipe_scheduler.set_timesteps(theirs["steps"])
     sliced = pipe_scheduler.timesteps[theirs["steps"] - int(theirs["steps"] * theirs["strength"]) :]
-    assert engine.scheduler(req).timesteps.tolist() == sliced.tolist()
-    pipeline.scheduler = LCMScheduler.from_config(engine.pipe.scheduler.config)
+    assert engine.model.scheduler(req).timesteps.tolist() == sliced.tolist()
+    pipeline.scheduler = LCMScheduler.from_config(engine.model.pipe.scheduler.config)
     mine = engine.generate(req).pixels[0]
     assert max_diff(mine, run_pipeline(pipeline, req, **theirs)) <= 1
 
@@ -116,7 +119,7 @@ def test_equals_diffusers_inpainting_pipeline_where_the_schedules_agree(
 def blended_by_hand(engine, req: Request) -> np.ndarray:
     """The same method from diffusers' own calls: LCMScheduler.set_timesteps(strength=...), the VAE's
     posterior, add_noise, the UNet with the w-embedding, scheduler.step, and the pipeline's blend."""
-    pipe = engine.pipe
+    pipe = engine.model.pipe
     scheduler = LCMScheduler.from_config(pipe.scheduler.config)
     scheduler.set_timesteps(
         req.num_inference_steps, original_inference_steps=req.lcm_origin_steps, strength=req.prompt_strength
@@ -165,15 +168,22 @@ def test_planned_step_equals_scheduler_step(engine, files, monkeypatch):
     runs = []
     with torch.inference_mode():
         for planned in (False, True):
-            scheduler = engine.scheduler(req)
+            scheduler = engine.model.scheduler(req)
             generators = sampler.generators_for(req.seeds)
-            start, keep = engine.inpaint_start(req, scheduler, generators)
+            start, keep = starts.inpaint_start(engine.model, req, scheduler, generators)
             embeds = prompts.encode_prompt(
-                engine.pipe.tokenizer, engine.pipe.text_encoder, req.prompt, engine.device
+                engine.model.pipe.tokenizer, engine.model.pipe.text_encoder, req.prompt, engine.model.device
             ).embeds
             runs.append(
                 sampler.sample(
-                    engine.pipe.unet, scheduler, embeds, start, 8.0, generators, planned=planned, inpaint=keep
+                    engine.model.pipe.unet,
+                    scheduler,
+                    embeds,
+                    start,
+                    8.0,
+                    generators,
+                    planned=planned,
+                    inpaint=keep,
                 )
             )
     # The two paths round differently in fp32 (host doubles against device tensors), no more.
@@ -183,8 +193,8 @@ def test_planned_step_equals_scheduler_step(engine, files, monkeypatch):
         LCMScheduler, "step", lambda *a, _step=LCMScheduler.step, **k: steps.append(1) or _step(*a, **k)
     )
     planned = engine.generate(req).pixels
-    assert not steps and engine.accel.planned_step
-    monkeypatch.setattr(engine, "accel", dataclasses.replace(engine.accel, planned_step=False))
+    assert not steps and engine.model.accel.planned_step
+    monkeypatch.setattr(engine.model, "accel", dataclasses.replace(engine.model.accel, planned_step=False))
     stepped = engine.generate(req).pixels
     assert len(steps) == 3
     assert max_diff(planned, stepped) <= 1
@@ -196,21 +206,21 @@ def test_the_kept_region_stays_the_input_and_the_masked_one_is_redrawn(engine, f
     into the kept one, which still stays far closer to the VAE's own round trip of the input."""
     req = inpaint(files, prompt_strength=1.0, num_inference_steps=4)
     with torch.inference_mode():
-        scheduler = engine.scheduler(req)
+        scheduler = engine.model.scheduler(req)
         generators = sampler.generators_for(req.seeds)
-        start, keep = engine.inpaint_start(req, scheduler, generators)
+        start, keep = starts.inpaint_start(engine.model, req, scheduler, generators)
         embeds = prompts.encode_prompt(
-            engine.pipe.tokenizer, engine.pipe.text_encoder, req.prompt, engine.device
+            engine.model.pipe.tokenizer, engine.model.pipe.text_encoder, req.prompt, engine.model.device
         )
         final = sampler.sample(
-            engine.pipe.unet, scheduler, embeds.embeds, start, 8.0, generators, inpaint=keep
+            engine.model.pipe.unet, scheduler, embeds.embeds, start, 8.0, generators, inpaint=keep
         )
         image_latents = keep.kept[-1]
         kept = (keep.mask == 0).expand_as(final)
         assert torch.equal(final[kept], image_latents[kept])
         assert (final[~kept] - image_latents[~kept]).abs().mean() > 0.5
-        vae = engine.pipe.vae
-        posterior = vae.encode(engine.pipe.image_processor.preprocess(req.image)).latent_dist
+        vae = engine.model.pipe.vae
+        posterior = vae.encode(engine.model.pipe.image_processor.preprocess(req.image)).latent_dist
         again = posterior.sample(generator=torch.Generator("cpu").manual_seed(req.seed))
         round_trip = images.decode(vae, again * vae.config.scaling_factor, 1)[0]
     out = engine.generate(req).pixels[0]
@@ -227,8 +237,8 @@ def test_grey_is_in_between_and_the_mask_is_fitted_like_the_image(engine, files,
     and aspect is scaled and centre-cropped exactly as the image is."""
     with torch.inference_mode():
         req = inpaint(files, mask=files["grey"])
-        scheduler = engine.scheduler(req)
-        _, keep = engine.inpaint_start(req, scheduler, sampler.generators_for(req.seeds))
+        scheduler = engine.model.scheduler(req)
+        _, keep = starts.inpaint_start(engine.model, req, scheduler, sampler.generators_for(req.seeds))
     band = keep.mask[0, 0, :, :4]  # latent columns 0-3: grey 128
     assert torch.allclose(band, torch.full_like(band, 128 / 255))
     wide = np.zeros((200, 400), dtype=np.uint8)  # 2:1, cropped to 1:1 at the centre, scaled to 256
@@ -292,20 +302,23 @@ def test_a_row_leaving_the_batch_takes_its_mask_and_image_latents_with_it(engine
     blends with its own, and ends as it would alone."""
     square, grey = inpaint(files), inpaint(files, mask=files["grey"], seed=8)
     embeds = prompts.encode_prompt(
-        engine.pipe.tokenizer, engine.pipe.text_encoder, square.prompt, engine.device
+        engine.model.pipe.tokenizer, engine.model.pipe.text_encoder, square.prompt, engine.model.device
     )
 
     def run(requests: list[Request], prune=None) -> torch.Tensor:
-        scheduler = engine.scheduler(requests[0])
+        scheduler = engine.model.scheduler(requests[0])
         generators = [sampler.generators_for(r.seeds) for r in requests]
-        made = [engine.inpaint_start(r, scheduler, g) for r, g in zip(requests, generators, strict=True)]
+        made = [
+            starts.inpaint_start(engine.model, r, scheduler, g)
+            for r, g in zip(requests, generators, strict=True)
+        ]
         keep = sampler.Inpaint(
             torch.cat([k.mask for _, k in made]), torch.cat([k.kept for _, k in made], dim=1)
         )
         start = torch.cat([s for s, _ in made])
         gens = [g for per in generators for g in per]
         return sampler.sample(
-            engine.pipe.unet, scheduler, embeds.embeds, start, 8.0, gens, prune=prune, inpaint=keep
+            engine.model.pipe.unet, scheduler, embeds.embeds, start, 8.0, gens, prune=prune, inpaint=keep
         )
 
     asked = []
@@ -316,5 +329,5 @@ def test_a_row_leaving_the_batch_takes_its_mask_and_image_latents_with_it(engine
     # Rows of a batched convolution round differently from a lone one: compared as the project
     # compares batch items with lone ones, in decoded pixels within 1/255.
     with torch.inference_mode():
-        pixels = [images.decode(engine.pipe.vae, x, 1)[0] for x in (left, alone)]
+        pixels = [images.decode(engine.model.pipe.vae, x, 1)[0] for x in (left, alone)]
     assert max_diff(*pixels) <= 1

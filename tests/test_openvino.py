@@ -72,7 +72,7 @@ def blocks(tmp_path_factory) -> str:
 def test_fp32_requests_equal_torch_and_the_log_says_what_ran_eagerly(converted, engine, blocks, caplog):
     """Within 1/255: the same fp32 arithmetic in another order flips a rounding now and then."""
     ov_engine, logged = converted
-    assert [m.name for m in ov_engine.compiled] == ["unet", "vae"]
+    assert [m.name for m in ov_engine.model.compiled] == ["unet", "vae"]
     assert "openvino unet (f32): converted in" in logged and "runtime=openvino" in logged
     cases = [
         ("the declared size", request(), []),
@@ -88,7 +88,7 @@ def test_fp32_requests_equal_torch_and_the_log_says_what_ran_eagerly(converted, 
         ours = ov_engine.generate(req)
         assert ours.eager == eager, name
         assert max_diff(ours.pixels, engine.generate(req).pixels) <= 1, name
-    out = ov_engine.weights_dir.parent / "openvino-out"
+    out = ov_engine.model.weights_dir.parent / "openvino-out"
     with caplog.at_level(logging.INFO, logger="lcm"):
         ov_engine.generate_files(request(width=SIZE + 8), out)
         ov_engine.generate_files(request(freeu=True), out)
@@ -163,7 +163,7 @@ def test_trained_weights_turn_openvino_off_with_a_warning(tiny_checkpoint, lora_
     tuned, logged = load(tiny_checkpoint, ov_cache, lora_path=lora.fetch(str(lora_weights), tmp_path / "l"))
     try:
         assert "LCM_RUNTIME=openvino are off for this model" in logged and "bake it in" in logged
-        assert tuned.accel.runtime == "torch" and tuned.compiled == []
+        assert tuned.model.accel.runtime == "torch" and tuned.model.compiled == []
         assert "openvino unet" not in logged
     finally:
         tuned.close()

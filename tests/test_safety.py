@@ -20,7 +20,7 @@ def request(**kw) -> Request:
 
 def image_embeds(engine, pixels: np.ndarray) -> torch.Tensor:
     """The checker's unit image embeddings, from the pixels as diffusers' run_safety_checker prepares them."""
-    pipe = engine.pipe
+    pipe = engine.model.pipe
     features = pipe.feature_extractor(pipe.image_processor.numpy_to_pil(pixels / 255.0), return_tensors="pt")
     checker = pipe.safety_checker
     with torch.no_grad():
@@ -36,7 +36,7 @@ def checker_flagging(engine):
     halfway between that image's cosine and the highest kept image's; every other concept, and
     every special-care concept, has a threshold no cosine reaches.
     """
-    checker = engine.pipe.safety_checker
+    checker = engine.model.pipe.safety_checker
     saved = [t.detach().clone() for t in checker.parameters()]
     pixels = engine.generate(request(disable_safety_checker=True)).pixels
     embeds = image_embeds(engine, pixels)
@@ -60,7 +60,9 @@ def checker_flagging(engine):
 def test_verdicts_equal_diffusers_run_safety_checker_image_by_image(engine, checker_flagging, tmp_path):
     generation = engine.generate(request())
     assert np.array_equal(generation.pixels, checker_flagging)
-    _, reference = engine.pipe.run_safety_checker(generation.pixels / 255.0, engine.device, engine.dtype)
+    _, reference = engine.model.pipe.run_safety_checker(
+        generation.pixels / 255.0, engine.model.device, engine.model.dtype
+    )
     assert generation.nsfw == reference == [i in FLAGGED for i in range(4)]
     paths = engine.generate_files(request(), tmp_path)
     assert [p.name for p in paths] == ["lcm-1234.png", "lcm-1236.png"]

@@ -97,18 +97,22 @@ def _latent_distance(engine: Engine, prompt: str, target: torch.Tensor) -> float
 
     def run() -> torch.Tensor:
         generators = sampler.generators_for(request.seeds)
-        noise = sampler.initial_noise(generators, (4, 4, SIDE // 8, SIDE // 8), engine.device, engine.dtype)
+        noise = sampler.initial_noise(
+            generators, (4, 4, SIDE // 8, SIDE // 8), engine.model.device, engine.model.dtype
+        )
         embeds = prompts.encode_prompt(
-            engine.pipe.tokenizer, engine.pipe.text_encoder, prompt, engine.device
+            engine.model.pipe.tokenizer, engine.model.pipe.text_encoder, prompt, engine.model.device
         ).embeds
-        return sampler.sample(engine.pipe.unet, engine.scheduler(request), embeds, noise, 8.0, generators)
+        return sampler.sample(
+            engine.model.pipe.unet, engine.model.scheduler(request), embeds, noise, 8.0, generators
+        )
 
     latents = engine.call(run)
     return float((latents.mean(dim=(2, 3)) - target).norm(dim=1).mean())
 
 
 def test_the_tuned_model_samples_move_toward_the_training_set(trained, tuned, engine, red_set):
-    pipe = engine.pipe
+    pipe = engine.model.pipe
     examples = training.read_archive(red_set, CAPTION, SIDE)
     with torch.no_grad():
         pixels = torch.cat([pipe.image_processor.preprocess(e.image) for e in examples])
@@ -175,7 +179,7 @@ def test_files_record_the_lora_and_reproduce_only_with_it(tuned, engine, trained
     )
     assert "lora_sha256" not in read_metadata(plain) and "lora_scale" not in read_metadata(plain)
     with pytest.raises(InputError, match="lora_scale=0.5 is not allowed: only with trained weights"):
-        engine.check(Request.from_metadata(meta))
+        engine.model.check(Request.from_metadata(meta))
 
 
 def test_bad_archives_fail_naming_input_images(tmp_path):
@@ -439,7 +443,9 @@ def test_a_lora_is_served_without_fused_projections_or_compile_even_when_they_ar
     caplog.set_level("WARNING", logger="lcm")
     engine = Engine.load(tiny_checkpoint, device="cpu", lora_path=trained.lora)
     try:
-        assert not engine.accel.fuse_qkv and not engine.accel.compile and not engine.compiled
+        assert (
+            not engine.model.accel.fuse_qkv and not engine.model.accel.compile and not engine.model.compiled
+        )
         assert any(
             "LCM_FUSE_QKV, LCM_COMPILE and LCM_RUNTIME=openvino are off" in r.getMessage()
             for r in caplog.records

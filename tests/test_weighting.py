@@ -15,8 +15,8 @@ from PIL import Image
 
 from lcm import batching, prompts
 from lcm.cli import main as cli_main
-from lcm.engine import FREEU
 from lcm.errors import InputError
+from lcm.generation import FREEU
 from lcm.metadata import read_metadata
 from lcm.params import Request
 from lcm.worker import CancelFlag
@@ -41,7 +41,7 @@ def ours(engine, **kw) -> np.ndarray:
 
 def reference(engine, **inputs) -> np.ndarray:
     """diffusers' LCM pipeline over the engine's components, as `request()` asks: uint8 pixels."""
-    pipe = engine.pipe.__class__(**{**engine.pipe.components, "safety_checker": None})
+    pipe = engine.model.pipe.__class__(**{**engine.model.pipe.components, "safety_checker": None})
     pipe.set_progress_bar_config(disable=True)
     images = pipe(
         **inputs,
@@ -56,7 +56,9 @@ def reference(engine, **inputs) -> np.ndarray:
 
 
 def encode(engine, prompt: str, clip_skip: int = 0) -> prompts.PromptEmbedding:
-    return prompts.encode_prompt(engine.pipe.tokenizer, engine.pipe.text_encoder, prompt, CPU, clip_skip)
+    return prompts.encode_prompt(
+        engine.model.pipe.tokenizer, engine.model.pipe.text_encoder, prompt, CPU, clip_skip
+    )
 
 
 # --- which prompts are weighted -------------------------------------------------------------------------
@@ -98,7 +100,7 @@ WEIGHTED = {
 @pytest.mark.parametrize("prompt", PLAIN)
 def test_a_prompt_without_weights_is_encoded_as_written(engine, prompt):
     assert prompts.weighting(prompt) is None
-    tokenizer, encoder = engine.pipe.tokenizer, engine.pipe.text_encoder
+    tokenizer, encoder = engine.model.pipe.tokenizer, engine.model.pipe.text_encoder
     ids = tokenizer(
         prompt, padding="max_length", max_length=77, truncation=True, return_tensors="pt"
     ).input_ids
@@ -162,7 +164,7 @@ REFERENCED = [
 
 @pytest.mark.parametrize("prompt", REFERENCED)
 def test_a_weighted_prompt_equals_diffusers_fed_compels_embeddings(engine, prompt):
-    embeds = CompelForSD(engine.pipe)(prompts.compel_text(prompt)).embeds
+    embeds = CompelForSD(engine.model.pipe)(prompts.compel_text(prompt)).embeds
     assert encode(engine, prompt).windows == embeds.shape[1] // 77
     assert max_diff(ours(engine, prompt=prompt), reference(engine, prompt_embeds=embeds)) <= 1
 
@@ -179,8 +181,8 @@ def test_clip_skip_applies_to_weighted_prompts(engine, clip_skip):
     """Reference: compel over the encoder cut to L - k layers (compel itself knows only the last two)."""
     prompt = f"a photo of a (cat)1.4, ({CAT}, a red fox).blend(0.6, 0.4)"
     compel = Compel(
-        tokenizer=engine.pipe.tokenizer,
-        text_encoder=cut_text_encoder(engine.pipe.text_encoder, clip_skip),
+        tokenizer=engine.model.pipe.tokenizer,
+        text_encoder=cut_text_encoder(engine.model.pipe.text_encoder, clip_skip),
         truncate_long_prompts=False,
     )
     with torch.no_grad():
@@ -214,7 +216,7 @@ def test_long_weighted_prompts_use_the_windows_plain_prompts_use(engine, clip_sk
     ],
 )
 def test_the_batch_key_counts_the_windows_the_embedding_has(engine, prompt, windows):
-    counted, _ = prompts.count_windows(engine.pipe.tokenizer, prompt)
+    counted, _ = prompts.count_windows(engine.model.pipe.tokenizer, prompt)
     embedding = encode(engine, prompt)
     assert counted == embedding.windows == windows == embedding.embeds.shape[1] // 77
 
@@ -233,7 +235,7 @@ def test_weighted_and_plain_prompts_batch_together_each_as_alone(engine):
 
 def test_freeu_equals_diffusers_with_enable_freeu_and_turning_it_off_restores_the_image(engine):
     before = ours(engine)
-    pipe = engine.pipe.__class__(**engine.pipe.components)
+    pipe = engine.model.pipe.__class__(**engine.model.pipe.components)
     pipe.enable_freeu(**FREEU)  # the engine's UNet itself: turned off again below
     try:
         expected = reference(engine, prompt=CAT)

@@ -349,7 +349,7 @@ def test_a_pipeline_saved_by_diffusers_loads_and_draws_the_same_images(saved_che
     request = Request.build("a cat", width=256, height=256, seed=1, num_inference_steps=2)
     saved = Engine.load(saved_checkpoint, device="cpu")
     try:
-        assert type(saved.pipe.feature_extractor).__name__ == "CLIPImageProcessorPil"
+        assert type(saved.model.pipe.feature_extractor).__name__ == "CLIPImageProcessorPil"
         assert np.array_equal(saved.generate(request).pixels, engine.generate(request).pixels)
     finally:
         saved.close()
