@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import collections
 import logging
 import os
@@ -210,7 +211,9 @@ class Predictor(BasePredictor):
         job = None
         try:
             take_downloads({"image": image, "mask": mask, "control_image": control_image})
-            request = Request.build(**inputs)
+            # Off the event loop: reading the input images and compel's parse of a long weighted
+            # prompt take up to seconds, during which the other slots' predictions would stall.
+            request = await asyncio.to_thread(Request.build, **inputs)
             job = self.engine.submit(request, output_dir)
             served = await job.outcome()
         except BaseException:  # failed or cancelled: leave no partial files behind

@@ -82,27 +82,33 @@ class Queue:
     def take(self, key: Callable[[Pending], Hashable], budget: int) -> list[Pending]:
         """The oldest request, then each later one with its key while images x pixels <= budget.
 
-        `key(item)` may raise (a prompt too long to encode, say): that item is returned alone,
-        so its own error fails it and nothing else. Budget 0 serves one request at a time.
+        Only the engine thread takes, so what it saw queued stays queued until it takes it: keys
+        are computed (tokenizing each prompt once) outside the lock, and a put() never waits for
+        them. `key(item)` may raise (a prompt too long to encode, say): that item is returned
+        alone, so its own error fails it and nothing else. Budget 0 serves one request at a time.
         """
         with self._lock:
-            if not self._items:
-                return []
-            head = self._items.pop(0)
-            try:
-                head.key = key(head) if head.key is None else head.key
-            except Exception:
-                return [head]
-            batch, used = [head], head.pixels
-            for item in list(self._items):
-                if used + item.pixels > budget:
-                    continue
+            queued = list(self._items)
+        if not queued:
+            return []
+        for item in queued:
+            if item.key is None:
                 try:
-                    item.key = key(item) if item.key is None else item.key
+                    item.key = key(item)
                 except Exception:
-                    continue
-                if item.key == head.key:
-                    self._items.remove(item)
+                    item.key = _Unkeyed()
+        head = queued[0]
+        batch, used = [head], head.pixels
+        if not isinstance(head.key, _Unkeyed):
+            for item in queued[1:]:
+                if item.key == head.key and used + item.pixels <= budget:
                     batch.append(item)
                     used += item.pixels
-            return batch
+        with self._lock:
+            for item in batch:
+                self._items.remove(item)
+        return batch
+
+
+class _Unkeyed:
+    """The key of a request whose key raised: equal to no other, so it is served alone."""

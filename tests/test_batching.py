@@ -223,3 +223,25 @@ def test_every_slot_serves_and_the_request_beyond_them_gets_cogs_answer(batch_se
     assert status == 409 and "capacity" in str(body).lower(), (status, body)
     assert [e["status"] for e in events] == ["succeeded"] * slots
 
+
+def test_a_put_never_waits_for_the_keys_being_computed():
+    """The engine computes keys (tokenizing each prompt) while callers keep queueing."""
+    from lcm import batching
+    from lcm.worker import Job
+
+    queue, keying, queued = batching.Queue(), threading.Event(), threading.Event()
+
+    def slow_key(item: batching.Pending) -> Any:
+        keying.set()
+        assert queued.wait(30), "put() waited for take()'s keys"
+        return batching.shape_key(item.request, 1)
+
+    first, second = (batching.Pending(request(p), Path("out"), Job()) for p in ("a cat", "a dog"))
+    queue.put(first)
+    with ThreadPoolExecutor(1) as pool:
+        taken = pool.submit(queue.take, slow_key, BUDGET)
+        assert keying.wait(30)
+        queue.put(second)  # while the key is being computed
+        queued.set()
+        assert taken.result() == [first]  # what was queued when it looked
+    assert queue.take(lambda item: batching.shape_key(item.request, 1), BUDGET) == [second]

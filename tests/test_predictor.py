@@ -144,3 +144,30 @@ def test_only_the_file_cog_downloaded_for_this_prediction_is_read(predictor):
         os.unlink(downloaded)
     finally:
         os.unlink(name)
+
+
+def test_building_a_request_never_stalls_the_event_loop(predictor, monkeypatch):
+    """Request.build reads the input images and parses a weighted prompt (up to seconds): other
+    slots' coroutines on Cog's event loop must run meanwhile."""
+    import threading
+    import types
+
+    import predict
+
+    build, ticked = predict.Request.build, threading.Event()
+
+    def slow_build(**inputs):
+        assert ticked.wait(30), "the event loop did not run while the request was being built"
+        return build(**inputs)
+
+    monkeypatch.setattr(predict, "Request", types.SimpleNamespace(build=slow_build))
+
+    async def predict_and_tick():
+        async def tick():
+            await asyncio.sleep(0)
+            ticked.set()
+
+        paths, _ = await asyncio.gather(predictor.predict(**ARGS), tick())
+        return paths
+
+    assert len(asyncio.run(predict_and_tick())) == ARGS["num_images"]
