@@ -64,7 +64,7 @@ schema: venv
 
 # One glibc arena from the start: LCM_HOLD_MEMORY's thresholds hold in the main arena only, and Cog's
 # worker has threads with arenas of their own; through the server a 256 px CPU request took 17.5 and
-# 15.3 s with one arena, 18.4 and 16.9 s without (README, "Running without Docker").
+# 15.3 s with one arena, 18.4 and 16.9 s without (docs/configuration.md, "One malloc arena").
 MALLOC_ARENA_MAX ?= 1
 
 # cog build sets COG_MAX_CONCURRENCY from cog.yaml's concurrency.max; so does this.
