@@ -1,12 +1,16 @@
 """The reference in docs/ cannot drift from the code: the input tables are what scripts/docs writes
-from the declared inputs.
+from the declared inputs, and docs/configuration.md has one row for each variable the code reads.
 """
 
 from __future__ import annotations
 
+import ast
 import dataclasses
 import difflib
+import functools
 import importlib.util
+import itertools
+import re
 import sys
 from pathlib import Path
 from types import ModuleType
@@ -112,3 +116,185 @@ def test_cells_say_what_validation_allows_and_the_default_as_json(spec, cells):
 def test_a_file_the_generator_cannot_rewrite_safely_fails_naming_where(edit, message):
     with pytest.raises(input_docs.DocsError, match=message):
         input_docs.rewrite(edit(_text(INPUTS_TABLE)), INPUTS_TABLE)
+
+
+# Configuration: every LCM_* variable the code reads, collected from its source.
+CONFIGURATION = ROOT / "docs" / "configuration.md"
+ENV_NAME = re.compile(r"LCM_[A-Z0-9]+(?:_[A-Z0-9]+)*")
+ENV_MENTION = re.compile(r"(?<![A-Za-z0-9_])LCM_[A-Z0-9_]*[A-Z0-9](?![A-Za-z0-9_])")
+ENV_PREFIX = re.compile(r"(?<![A-Za-z0-9_])LCM_[A-Z0-9_]*$")  # a name whose end is computed
+DOCUMENTED_ROW = re.compile(r"^\| `([A-Z][A-Z0-9_]*)` \|")
+
+
+def _code_files() -> list[Path]:
+    """The service's own code: lcm/, the Cog adapters and scripts/ (Python, by suffix or shebang).
+
+    tests/ and bench/ are left out: they set variables for the service they run, and read none of
+    their own that a deployment would set.
+    """
+    scripts = [
+        path
+        for path in sorted((ROOT / "scripts").iterdir())
+        if path.is_file() and (path.suffix == ".py" or path.read_text().startswith("#!/usr/bin/env python"))
+    ]
+    return [*sorted((ROOT / "lcm").rglob("*.py")), ROOT / "predict.py", ROOT / "train.py", *scripts]
+
+
+def variables_named(source: str, filename: str) -> set[str]:
+    """Every string constant in `source` that is a whole LCM_* name.
+
+    That is how the code names a variable it reads, whatever reads it: `NAME_ENV = "LCM_X"` (also in
+    a tuple assignment), `os.environ.get("LCM_X")`, a helper's argument (`_flag("LCM_X", True)`).
+    Only whole strings count, so a docstring or a message that mentions `LCM_X=1` adds nothing; a
+    script that sets a variable for the engine names one the engine reads. A name that is computed
+    (`"LCM_" + part`, `f"LCM_{part}"`) could not be checked, so it fails here, naming the file and
+    line.
+    """
+    found = set()
+    for node in ast.walk(ast.parse(source, filename)):
+        parts = node.values if isinstance(node, ast.JoinedStr) else []
+        for part, after in itertools.pairwise(parts):
+            if isinstance(part, ast.Constant) and isinstance(after, ast.FormattedValue):
+                if ENV_PREFIX.search(part.value):
+                    raise AssertionError(
+                        f"{filename}:{node.lineno}: spell the LCM_ variable's name out whole"
+                    )
+        if isinstance(node, ast.Constant) and isinstance(node.value, str):
+            if ENV_NAME.fullmatch(node.value):
+                found.add(node.value)
+            elif ENV_PREFIX.fullmatch(node.value):
+                raise AssertionError(f"{filename}:{node.lineno}: spell the LCM_ variable's name out whole")
+    return found
+
+
+def _variables_read() -> set[str]:
+    return set().union(
+        *(variables_named(path.read_text(), str(path.relative_to(ROOT))) for path in _code_files())
+    )
+
+
+def _documented_rows() -> dict[str, list[list[str]]]:
+    """Each variable given a table row in docs/configuration.md, with its rows' cells."""
+    rows: dict[str, list[list[str]]] = {}
+    for line in CONFIGURATION.read_text().split("\n"):
+        if match := DOCUMENTED_ROW.match(line):
+            rows.setdefault(match[1], []).append([cell.strip() for cell in line.strip()[1:-1].split(" | ")])
+    return rows
+
+
+@functools.cache
+def _cog_package_bytes() -> bytes:
+    """The installed cog and coglet packages' files (coglet's server is compiled), to find what Cog reads."""
+    chunks = []
+    for package in ("cog", "coglet"):
+        for location in importlib.util.find_spec(package).submodule_search_locations:
+            chunks += [path.read_bytes() for path in Path(location).rglob("*") if path.is_file()]
+    return b"\n".join(chunks)
+
+
+def test_the_collector_finds_every_way_the_code_names_a_variable_and_refuses_computed_names():
+    source = "\n".join(
+        [
+            'A_ENV = "LCM_A"',
+            'B_ENV, B_DEFAULT = "LCM_B", 3',
+            'flag = _flag("LCM_C_D", True)',
+            'text = os.environ.get("LCM_E2")',
+            '"""LCM_DOC=1 in a docstring, LCM_Dreamshaper_v7 and LCM_ are no names."""',
+            'message = f"{A_ENV}={text!r}: set LCM_F=1"',
+        ]
+    )
+    assert variables_named(source, "x.py") == {"LCM_A", "LCM_B", "LCM_C_D", "LCM_E2"}
+    for computed in ('name = "LCM_" + part', 'name = f"LCM_{part}"', 'log(f"set LCM_{part}_SIZE")'):
+        with pytest.raises(AssertionError, match="x.py:1: spell the LCM_ variable's name out whole"):
+            variables_named(computed, "x.py")
+
+
+def test_every_variable_the_code_reads_has_one_row_in_configuration_md():
+    read, rows = _variables_read(), _documented_rows()
+    assert {"LCM_WEIGHTS_DIR", "LCM_DEVICE", "LCM_COMPILE", "LCM_KEEP_OUTPUTS_S"} <= read  # it collects
+    missing = sorted(read - set(rows))
+    assert not missing, f"docs/configuration.md has no row for {', '.join(missing)}: add one to its tables"
+    twice = sorted(name for name, found in rows.items() if len(found) > 1)
+    assert not twice, f"docs/configuration.md has more than one row for {', '.join(twice)}"
+
+
+def test_configuration_md_documents_only_variables_that_are_read():
+    """An LCM_ row must be read by this code; any other (COG_WEIGHTS, ...) by Cog's installed packages."""
+    read = _variables_read()
+    for name in _documented_rows():
+        if name.startswith("LCM_"):
+            assert name in read, f"docs/configuration.md documents {name}, which no code in lcm/ etc. reads"
+        else:
+            assert name.encode() in _cog_package_bytes(), (
+                f"docs/configuration.md documents {name}: Cog reads no such variable"
+            )
+
+
+def test_the_code_mentions_only_variables_it_reads():
+    """Messages, docstrings and comments that name a variable name one that exists (none renamed away)."""
+    read = _variables_read()
+    for path in _code_files():
+        for number, line in enumerate(path.read_text().split("\n"), 1):
+            unknown = sorted(set(ENV_MENTION.findall(line)) - read)
+            assert not unknown, (
+                f"{path.relative_to(ROOT)}:{number} names {', '.join(unknown)}, which nothing reads"
+            )
+
+
+def _flag_defaults() -> dict[str, bool]:
+    """The on/off settings whose default is a literal: `_flag("LCM_X", True)` calls, wherever they are."""
+    defaults = {}
+    for path in _code_files():
+        for node in ast.walk(ast.parse(path.read_text())):
+            if (
+                isinstance(node, ast.Call)
+                and getattr(node.func, "id", None) == "_flag"
+                and len(node.args) == 2
+                and all(isinstance(arg, ast.Constant) for arg in node.args)
+            ):
+                defaults[node.args[0].value] = node.args[1].value
+    return defaults
+
+
+def test_documented_defaults_agree_with_the_code():
+    """Defaults that are module constants, or a literal passed to the flag reader, as the tables say them.
+
+    What is checked: each constant's value appears in its row's default cells (a path relative to
+    the repository), and each literal flag default reads `on` or `off` in both device columns (`–`
+    where the setting does not apply). Defaults the code computes per device (`not cuda`) are read
+    by a person only.
+    """
+    import predict
+    from lcm import accel, compiling, openvino_runtime, weights
+
+    rows = {name: found[0] for name, found in _documented_rows().items()}
+
+    def relative(path: Path) -> str:
+        return str(path.relative_to(ROOT))
+
+    constants = {
+        "LCM_KEEP_OUTPUTS_S": [f"{predict.KEEP_OUTPUTS_S:g}"],
+        "LCM_WEIGHTS_DIR": [relative(weights.DEFAULT_WEIGHTS_DIR)],
+        "LCM_COMPILE_CACHE": [relative(compiling.DEFAULT_COMPILE_CACHE)],
+        "LCM_OPENVINO_CACHE": [
+            f"<weights>/{openvino_runtime.CACHE_DIR}",
+            relative(openvino_runtime.DEFAULT_CACHE),
+        ],
+        "LCM_COMPILE_SIZES": [f"{params.DEFAULT_SIZE}x{params.DEFAULT_SIZE}"],
+        "LCM_BATCH_PIXELS": [str(accel.CUDA_BATCH_PIXELS)],
+        "LCM_RUNTIME": [accel.CPU_RUNTIME],
+    }
+    for name, values in constants.items():
+        defaults = " | ".join(rows[name][1:-1])  # every cell but the name and the meaning
+        for value in values:  # as a whole word: `weights/` says weights, `weights2/` does not
+            assert re.search(rf"(?<![\w.-]){re.escape(value)}(?![\w.-])", defaults), (
+                f"docs/configuration.md: {name}'s default should say {value}, as the code has it: {defaults}"
+            )
+    flags = _flag_defaults()
+    assert {"LCM_PLANNED_STEP", "LCM_COMPILE"} <= set(flags)  # the reader is still found
+    for name, default in flags.items():
+        cpu, cuda = rows[name][1:3]
+        for device, cell in (("CPU", cpu), ("CUDA", cuda)):
+            assert cell == "–" or cell.split(" ")[0] == ("on" if default else "off"), (
+                f"docs/configuration.md: {name}'s {device} default should be {'on' if default else 'off'}"
+            )
