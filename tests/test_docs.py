@@ -1,5 +1,6 @@
 """The reference in docs/ cannot drift from the code: the input tables are what scripts/docs writes
-from the declared inputs, and docs/configuration.md has one row for each variable the code reads.
+from the declared inputs, docs/configuration.md has one row for each variable the code reads, and
+docs/layout.md names every module and script there is, and none that is gone.
 """
 
 from __future__ import annotations
@@ -298,3 +299,51 @@ def test_documented_defaults_agree_with_the_code():
             assert cell == "–" or cell.split(" ")[0] == ("on" if default else "off"), (
                 f"docs/configuration.md: {name}'s {device} default should be {'on' if default else 'off'}"
             )
+
+
+# Layout: what docs/layout.md names, as paths of files (name.py, dir/name.py) and folders (dir/).
+LAYOUT = ROOT / "docs" / "layout.md"
+FILE_NAMED = re.compile(r"(?<![\w/.-])((?:[\w-]+/)*[\w-]+\.py)(?![\w/-])")
+FOLDER_NAMED = re.compile(r"(?<![\w/.<>-])((?:[\w-]+/)*[\w-]+)/(?![\w.-])")
+
+
+def _lcm_modules() -> list[Path]:
+    return sorted(path for path in (ROOT / "lcm").rglob("*.py") if path.name != "__init__.py")
+
+
+def test_layout_names_every_module_of_lcm_and_the_adapters():
+    """By its path from lcm/ or from the root, or by its file name alone (as a tree lists it)."""
+    named = set(FILE_NAMED.findall(LAYOUT.read_text()))
+    unnamed = [
+        str(path.relative_to(ROOT))
+        for path in _lcm_modules()
+        if not {str(path.relative_to(ROOT / "lcm")), str(path.relative_to(ROOT)), path.name} & named
+    ]
+    assert not unnamed, f"docs/layout.md does not name {', '.join(unnamed)}: say what each is for"
+    assert {"predict.py", "train.py"} <= named
+
+
+def test_layout_names_every_script_and_the_top_level_folders():
+    text = LAYOUT.read_text()
+    scripts = [path.name for path in sorted((ROOT / "scripts").iterdir()) if path.is_file()]
+    unnamed = [name for name in scripts if not re.search(rf"(?<![\w/.-]){re.escape(name)}(?![\w/-])", text)]
+    assert not unnamed, f"docs/layout.md does not name scripts/{', scripts/'.join(unnamed)}"
+    assert {"lcm", "scripts", "tests", "bench", "docs"} <= set(FOLDER_NAMED.findall(text))
+
+
+def test_layout_names_nothing_that_is_gone():
+    """Each file or folder it names is in the root, lcm/ (a bare name anywhere in it) or scripts/."""
+    text = LAYOUT.read_text()
+    modules = {path.name for path in _lcm_modules()}
+    gone = [
+        name
+        for name in FILE_NAMED.findall(text)
+        if not any((base / name).is_file() for base in (ROOT, ROOT / "lcm", ROOT / "scripts"))
+        and name not in modules
+    ]
+    gone += [
+        f"{name}/"
+        for name in FOLDER_NAMED.findall(text)
+        if not any((base / name).is_dir() for base in (ROOT, ROOT / "lcm"))
+    ]
+    assert not gone, f"docs/layout.md names {', '.join(gone)}, which are not there any more"
