@@ -1,6 +1,7 @@
 """The reference in docs/ cannot drift from the code: the input tables are what scripts/docs writes
 from the declared inputs, docs/configuration.md has one row for each variable the code reads, and
-docs/layout.md names every module and script there is, and none that is gone.
+docs/layout.md names every module and script there is, and none that is gone. Links and references
+by section name ("docs/inputs.md, "Inpainting"") lead to files and headings that exist.
 """
 
 from __future__ import annotations
@@ -347,3 +348,63 @@ def test_layout_names_nothing_that_is_gone():
         if not any((base / name).is_dir() for base in (ROOT, ROOT / "lcm"))
     ]
     assert not gone, f"docs/layout.md names {', '.join(gone)}, which are not there any more"
+
+
+# Links: markdown links, and the code's references to a file's section by its name.
+MARKDOWN_FILES = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md")), ROOT / "bench" / "README.md"]
+MARKDOWN_LINK = re.compile(r"\[[^\]]*\]\(([^)\s]+)\)")
+# A file whose sections are headings, then one of them in quotes: the README's, docs/'s, bench's.
+SECTION_REFERENCE = re.compile(
+    r"(?<![\w/.-])`?(docs/[\w-]+\.md|bench/README\.md|README(?:\.md)?)`?(?:'s)?,?\s+\"([^\"]+)\""
+)
+DOCS_MENTION = re.compile(r"(?<![\w/.-])docs/[\w-]+\.md")
+
+
+def _headings(path: Path) -> list[str]:
+    return [line.lstrip("#").strip() for line in path.read_text().split("\n") if line.startswith("#")]
+
+
+def _anchor(heading: str) -> str:
+    """GitHub's anchor for a heading: lower case, punctuation but - and _ dropped, spaces as -."""
+    return re.sub(r"[^\w\- ]", "", heading.lower()).replace(" ", "-")
+
+
+def _project_text() -> dict[Path, str]:
+    """Every text file that may point a reader somewhere, comment continuations (# ...) joined."""
+    paths = [ROOT / name for name in ("README.md", "Makefile", "cog.yaml", "predict.py", "train.py")]
+    for folder in ("lcm", "scripts", "tests", "bench", "docs"):
+        paths += [
+            path
+            for path in sorted((ROOT / folder).rglob("*"))
+            if path.is_file() and (path.suffix in (".py", ".md", ".yaml") or path.parent.name == "scripts")
+        ]
+    return {path: re.sub(r"\n\s*#\s*", " ", path.read_text()) for path in paths}
+
+
+@pytest.mark.parametrize("markdown", MARKDOWN_FILES, ids=lambda path: str(path.relative_to(ROOT)))
+def test_markdown_links_lead_to_files_and_headings_that_exist(markdown):
+    for target in MARKDOWN_LINK.findall(markdown.read_text()):
+        if re.match(r"[a-z]+:", target):  # https:, mailto:
+            continue
+        file, _, anchor = target.partition("#")
+        linked = (markdown.parent / file).resolve() if file else markdown
+        assert linked.exists(), f"{markdown.relative_to(ROOT)} links to {target}: no such file"
+        if anchor:
+            anchors = [_anchor(heading) for heading in _headings(linked)]
+            assert anchor in anchors, f"{markdown.relative_to(ROOT)} links to {target}: no such heading"
+
+
+def test_references_by_section_name_name_a_heading_of_that_file():
+    for path, text in _project_text().items():
+        for file, title in SECTION_REFERENCE.findall(text):
+            title = " ".join(title.split())
+            headings = _headings(ROOT / (file if file.endswith(".md") else "README.md"))
+            assert any(heading == title or heading.startswith(f"{title} (") for heading in headings), (
+                f'{path.relative_to(ROOT)} refers to {file}, "{title}": it has no such heading'
+            )
+
+
+def test_every_docs_file_mentioned_exists():
+    for path, text in _project_text().items():
+        for mention in DOCS_MENTION.findall(text):
+            assert (ROOT / mention).is_file(), f"{path.relative_to(ROOT)} mentions {mention}: no such file"
