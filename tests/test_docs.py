@@ -1,7 +1,7 @@
 """The reference in docs/ cannot drift from the code: the input tables are what scripts/docs writes
 from the declared inputs, docs/configuration.md has one row for each variable the code reads, and
 docs/layout.md names every module and script there is, and none that is gone. Links and references
-by section name ("docs/inputs.md, "Inpainting"") lead to files and headings that exist.
+by section name (docs/inputs.md, "Inpainting") lead to files and headings that exist.
 """
 
 from __future__ import annotations
@@ -13,29 +13,16 @@ import functools
 import importlib.util
 import itertools
 import re
-import sys
 from pathlib import Path
-from types import ModuleType
 from typing import Any
 
 import pytest
 
-from cogserver import ROOT
+from cogserver import ROOT, script_module
 from lcm import params
 from lcm.params import Spec
 
-
-def _script_module(name: str) -> ModuleType:
-    """scripts/<name>.py, a module beside its CLI rather than a package."""
-    if name not in sys.modules:
-        spec = importlib.util.spec_from_file_location(name, ROOT / "scripts" / f"{name}.py")
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[name] = module  # before running it: dataclasses look their module up
-        spec.loader.exec_module(module)
-    return sys.modules[name]
-
-
-input_docs = _script_module("input_docs")
+input_docs = script_module("input_docs")
 INPUTS_TABLE = input_docs.TABLES[0]
 
 
