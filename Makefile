@@ -13,7 +13,7 @@ OUT ?= out
 SYNTHETIC_DIR ?= weights/synthetic
 export LCM_WEIGHTS_DIR
 
-.PHONY: venv test soak bench lint generate generate-synthetic weights synthetic schema serve device-wheels clean
+.PHONY: venv test soak bench lint generate generate-synthetic weights synthetic schema docs serve device-wheels clean
 
 venv: $(VENV)/.installed
 
@@ -62,9 +62,13 @@ generate-synthetic: synthetic
 schema: venv
 	$(PY) scripts/openapi-schema
 
+# The input tables in docs/inputs.md and docs/fine-tuning.md, from lcm/params.py and lcm/training.py.
+docs: venv
+	$(PY) scripts/docs
+
 # One glibc arena from the start: LCM_HOLD_MEMORY's thresholds hold in the main arena only, and Cog's
 # worker has threads with arenas of their own; through the server a 256 px CPU request took 17.5 and
-# 15.3 s with one arena, 18.4 and 16.9 s without (README, "Running without Docker").
+# 15.3 s with one arena, 18.4 and 16.9 s without (docs/configuration.md, "One malloc arena").
 MALLOC_ARENA_MAX ?= 1
 
 # cog build sets COG_MAX_CONCURRENCY from cog.yaml's concurrency.max; so does this.

@@ -65,7 +65,7 @@ class Predictor(BasePredictor):
     async def predict(
         self,
         prompt: str = Input(
-            description="Text describing the image. Longer than 75 CLIP tokens: encoded in 75-token windows (at most 600 tokens). Compel's weighting syntax applies: word+ and word- (x1.1 and x0.9 per sign), (a phrase)1.3, .blend() and .and() (README); A1111's (a phrase:1.3) is read as (a phrase)1.3.",
+            description="Text describing the image. Longer than 75 CLIP tokens: encoded in 75-token windows (at most 600 tokens). Compel's weighting syntax applies: word+ and word- (x1.1 and x0.9 per sign), (a phrase)1.3, .blend() and .and() (docs/inputs.md); A1111's (a phrase:1.3) is read as (a phrase)1.3.",
             default=DEFAULT_PROMPT,
         ),
         image: Optional[Path] = Input(
@@ -83,13 +83,13 @@ class Predictor(BasePredictor):
             le=1.0,
         ),
         width: Optional[int] = Input(
-            description="Output width in pixels: 256 to 1024, a multiple of 8. Empty: 768, or with an image, the image's width scaled so its longer side is at most 1024 (see README).",
+            description="Output width in pixels: 256 to 1024, a multiple of 8. Empty: 768, or with an image, the image's width scaled so its longer side is at most 1024 (docs/inputs.md).",
             default=None,
             ge=256,
             le=1024,
         ),
         height: Optional[int] = Input(
-            description="Output height in pixels: 256 to 1024, a multiple of 8. Empty: 768, or with an image, the image's height scaled so its longer side is at most 1024 (see README).",
+            description="Output height in pixels: 256 to 1024, a multiple of 8. Empty: 768, or with an image, the image's height scaled so its longer side is at most 1024 (docs/inputs.md).",
             default=None,
             ge=256,
             le=1024,

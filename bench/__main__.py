@@ -18,7 +18,7 @@ def _non_negative(text: str) -> int:
 
 
 def parser() -> argparse.ArgumentParser:
-    """The benchmark's options; every default is the one the README documents."""
+    """The benchmark's options; every default is the one bench/README.md documents."""
     p = argparse.ArgumentParser(
         prog="python -m bench",
         description=(

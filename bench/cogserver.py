@@ -21,14 +21,19 @@ from typing import Any, Optional
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def cog_schema_module() -> ModuleType:
-    """scripts/cog_schema.py (the OpenAPI generator), a script beside its CLI rather than a package."""
-    if "cog_schema" not in sys.modules:
-        spec = importlib.util.spec_from_file_location("cog_schema", ROOT / "scripts" / "cog_schema.py")
+def script_module(name: str) -> ModuleType:
+    """scripts/<name>.py, a module beside its CLI (scripts/openapi-schema, scripts/docs), not a package."""
+    if name not in sys.modules:
+        spec = importlib.util.spec_from_file_location(name, ROOT / "scripts" / f"{name}.py")
         module = importlib.util.module_from_spec(spec)
-        sys.modules["cog_schema"] = module
+        sys.modules[name] = module  # before it runs: dataclasses look their module up
         spec.loader.exec_module(module)
-    return sys.modules["cog_schema"]
+    return sys.modules[name]
+
+
+def cog_schema_module() -> ModuleType:
+    """scripts/cog_schema.py, the OpenAPI generator."""
+    return script_module("cog_schema")
 
 
 def max_concurrency() -> int:

@@ -57,7 +57,7 @@ ORIGIN_STEPS = SPECS["lcm_origin_steps"].default
 # The reference's dtype per device unless --reference-dtype says otherwise: diffusers' own defaults.
 REFERENCE_DTYPES = {"cuda": "float16", "cpu": "float32"}
 # Inpainting at strength 1: the one strength at which diffusers' pipeline and ours take the same
-# timesteps at every step count (README, "Inpainting"), so both make the same images.
+# timesteps at every step count (docs/inputs.md, "Inpainting"), so both make the same images.
 INPAINT_STRENGTH = 1.0
 
 

@@ -79,7 +79,8 @@ def decode_chunk(device: torch.device) -> int:
 
 
 def batch_pixels(device: torch.device) -> int:
-    """LCM_BATCH_PIXELS, else CUDA_BATCH_PIXELS on CUDA (a guess) and 0 on CPU (measured: README).
+    """LCM_BATCH_PIXELS, else CUDA_BATCH_PIXELS on CUDA (a guess) and 0 on CPU (measured:
+    docs/configuration.md, "Concurrency and batching").
 
     The budget bounds what queued requests add to the oldest one's batch; a request alone is
     served whatever its size.

@@ -2,7 +2,7 @@
 
 Why: on a 2-core AMD EPYC with AVX512-BF16 (no AMX), a full-size UNet step at 256 px took 256 ms
 in OpenVINO bf16 against 561 ms in torch bf16 eager and 315 ms torch.compiled (after 73 s of
-compiling); a 512 px decode 2880 ms against 3507 ms (README, Configuration).
+compiling); a 512 px decode 2880 ms against 3507 ms (docs/configuration.md, "OpenVINO").
 
 Shapes: static, one compiled model per size declared in setup (LCM_COMPILE_SIZES, as for
 torch.compile). On the full checkpoint (bf16, one image, best of 3) a UNet step took 245 ms at

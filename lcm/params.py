@@ -59,7 +59,7 @@ class Spec:
     help: str = ""
 
 
-_SIDE = f"pixels; left out: {DEFAULT_SIZE}, or from the input image (README)"
+_SIDE = f"pixels; left out: {DEFAULT_SIZE}, or from the input image (docs/inputs.md)"
 INPUTS: tuple[Spec, ...] = (
     Spec("prompt", DEFAULT_PROMPT, str, high=MAX_PROMPT_CHARS, help="text describing the image"),
     Spec("image", None, Path, optional=True, help="starting image: image to image instead of text to image"),
@@ -73,7 +73,9 @@ INPUTS: tuple[Spec, ...] = (
     Spec("lcm_origin_steps", 50, int, 1, MAX_ORIGIN_STEPS, help="the teacher schedule's length"),
     Spec("seed", None, int, 0, MAX_SEED, optional=True, help="random when left out; logged"),
     Spec("clip_skip", 0, int, 0, MAX_CLIP_SKIP, help="text-encoder layers to skip from the end"),
-    Spec("freeu", False, bool, help="FreeU: rebalance the UNet's backbone and skip features (README)"),
+    Spec(
+        "freeu", False, bool, help="FreeU: rebalance the UNet's backbone and skip features (docs/inputs.md)"
+    ),
     Spec("output_format", "png", str, choices=OUTPUT_FORMATS, help="file format"),
     Spec("output_quality", 90, int, 1, 100, help="webp and jpg quality"),
     Spec("fast_decode", False, bool, help="decode with TAESD: faster, less fine detail"),

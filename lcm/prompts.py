@@ -66,7 +66,8 @@ def weighting(prompt: str) -> Optional[Conjunction]:
     try:
         conjunction = PromptParser().parse_conjunction(text)
     except (PromptParser.ParsingException, pyparsing.ParseException) as exc:
-        allowed = f"Compel's weighting syntax, where a .blend() or .and() is the whole prompt (README): {exc}"
+        syntax = "Compel's weighting syntax, where a .blend() or .and() is the whole prompt (docs/inputs.md)"
+        allowed = f"{syntax}: {exc}"
         raise InputError("prompt", prompt, allowed) from None
     if conjunction.lora_weights:
         raise InputError(

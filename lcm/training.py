@@ -20,7 +20,8 @@ Constants, and where they come from:
   `lcm_origin_steps` default the model was distilled with.
 - EMA_RATE mu = 0.95 (the paper's EMA rate for the target network).
 - GUIDANCE range: the paper's w in [2, 14], with w the classifier-free weight in
-  eps = (1 + w) eps_c - w eps_u; this service's guidance_scale is w + 1 (README), so 3 to 15.
+  eps = (1 + w) eps_c - w eps_u; this service's guidance_scale is w + 1 (docs/inputs.md, "Guidance
+  scale"), so 3 to 15.
 - HUBER_C = 0.001: the pseudo-Huber loss sqrt(d^2 + c^2) - c of diffusers' LCM/LCM-LoRA training
   scripts (`--huber_c` default).
 - Boundary scalings c_skip, c_out: the scheduler's own (`get_scalings_for_boundary_condition_discrete`,

@@ -8,6 +8,7 @@ from bench.cogserver import (
     WebhookReceiver,
     cog_schema_module,
     max_concurrency,
+    script_module,
 )
 
 __all__ = [
@@ -18,4 +19,5 @@ __all__ = [
     "WebhookReceiver",
     "cog_schema_module",
     "max_concurrency",
+    "script_module",
 ]

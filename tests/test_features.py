@@ -241,7 +241,8 @@ def reproduce(file: Path, checkpoint: Path, out: Path) -> np.ndarray:
 
 def test_every_file_at_the_top_of_the_seed_range_reproduces(engine, tiny_checkpoint, tmp_path):
     """Seeds wrap: seed=MAX_SEED with two images makes files for MAX_SEED and 0. Batch items come
-    back within 1/255 (regenerated alone, README); a one-image request's file byte for byte."""
+    back within 1/255 (regenerated alone: docs/inputs.md, "Reproducible files"); a one-image
+    request's file byte for byte."""
     files = engine.generate_files(request(seed=MAX_SEED, num_images=2), tmp_path / "batch")
     assert [f.name for f in files] == [f"lcm-{MAX_SEED}.png", "lcm-0.png"]
     assert [read_metadata(f)["seed"] for f in files] == [MAX_SEED, 0]

@@ -3,8 +3,9 @@
 The tiny checkpoint is random. Its VAE maps every image to nearly the same latent (within 0.07 of
 zero) and decodes grey, so "the samples move toward the set" is measured in latent space, as the
 per-channel mean of 4-step samples' latents against the training latents', and there it cannot be
-told from the samples shrinking: another caption's move as much (README, "Fine-tuning"). That the
-LoRA learns the set, and only for its caption, needs a pretrained model (bench.lcf_evidence).
+told from the samples shrinking: another caption's move as much (docs/fine-tuning.md, "What the
+tests show, and what they cannot"). That the LoRA learns the set, and only for its caption, needs a
+pretrained model (bench.lcf_evidence).
 """
 
 from __future__ import annotations

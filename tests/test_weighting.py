@@ -68,7 +68,7 @@ PLAIN = [
     CAT,
     "a well-known e-mail",  # a hyphen inside a word is text
     "a cat - dog",  # a sign between spaces is text
-    "C ++ code",  # how the README says to keep "C++" text
+    "C ++ code",  # how docs/inputs.md says to keep "C++" text
     "5 + cats",
     "a+b",
     "a (photo) of a cat",  # compel would drop these parentheses: they stay
@@ -82,7 +82,8 @@ PLAIN = [
     "(" * 17 + "cat" + ")" * 17 + "1.5",  # deeper than compel's parser reads: text, as before weighting
     "(" * 60,
 ]
-# Compel's syntax, also where a plain-looking prompt uses it (README: "well- known", "C++").
+# Compel's syntax, also where a plain-looking prompt uses it ("well- known", "C++": docs/inputs.md,
+# "Prompt weighting").
 WEIGHTED = {
     "a cat+": [("a", 1.0), ("cat", 1.1)],
     "a cat--": [("a", 1.0), ("cat", 0.81)],
