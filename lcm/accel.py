@@ -128,7 +128,7 @@ def runtime(device: torch.device, dtype: torch.dtype, compile_on: bool) -> str:
 
 
 def _installed(package: str) -> bool:
-    """Whether the package can be imported, found without importing it (lcm.engine imports it)."""
+    """Whether the package can be imported, found without importing it (lcm.model imports it)."""
     try:
         return importlib.util.find_spec(package) is not None
     except ValueError:  # in sys.modules without a spec: an import of it fails

@@ -106,7 +106,7 @@ def compile_modules(pipe: Any, cuda_graphs: bool, device: torch.device) -> list[
     On a CPU, inductor freezes the weights: it folds them into the graph as constants and lays
     them out for oneDNN once, in setup. Measured at 256 px with the full-size UNet in bf16 on an
     AVX512-BF16 CPU: 315 ms a step frozen, 561 ms eager (bench/RESULTS.md). Frozen weights are why
-    a LoRA engine runs without compile (Engine._load): its weights would be baked in.
+    a LoRA engine runs without compile (lcm.model.load): its weights would be baked in.
     """
     cache = Path(os.environ.get(COMPILE_CACHE_ENV) or DEFAULT_COMPILE_CACHE)
     cache.mkdir(parents=True, exist_ok=True)
