@@ -19,14 +19,13 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file
 
+from lcm.downloads import MAX_BYTES
 from lcm.errors import LCMError
 from lcm.weights import file_sha256
 
 ADAPTER = "trained"  # the adapter's name on the UNet
 WEIGHTS_FILE = "pytorch_lora_weights.safetensors"  # diffusers' name, which load_lora_weights(folder) finds
 INFO_FILE = "training.json"
-# A rank-128 LoRA on every layer the trainer adapts is ~400 MB in fp32; the limit bounds a download.
-MAX_BYTES = 2_000_000_000
 DOWNLOAD_TIMEOUT_S = 60
 _ALLOWED = (
     "a local path or http(s) URL to a training's output (.tar holding "
