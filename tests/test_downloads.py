@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import os
 import re
 import socket
 import ssl
+import tarfile
 import threading
 import time
 from collections import Counter
@@ -16,8 +18,10 @@ from pathlib import Path
 from typing import Callable
 
 import pytest
+import torch
+from safetensors.torch import save_file
 
-from lcm import downloads
+from lcm import downloads, lora
 from lcm.downloads import LoraCache
 from lcm.errors import InputError, LCMError
 
@@ -595,3 +599,24 @@ def test_a_cache_directory_that_cannot_be_made_fails_naming_the_variable(tmp_pat
         LCMError, match=r"the LoRA cache '.*a-file' cannot be used .*set LCM_LORA_CACHE to a writable"
     ):
         downloads.download("http://example.com/x", "lora_weights")
+
+
+def test_a_downloaded_training_archive_gives_its_safetensors(server, tmp_path, private_ok, monkeypatch):
+    """The request path: lora_weights fetched through the cache, then the LoRA taken out of the tar."""
+    monkeypatch.setenv(downloads.CACHE_ENV, str(tmp_path / "cache"))
+    save_file({"unet.a.lora_A.weight": torch.ones(2, 2)}, tmp_path / lora.WEIGHTS_FILE)
+    archive = io.BytesIO()
+    with tarfile.open(fileobj=archive, mode="w") as tf:
+        tf.add(tmp_path / lora.WEIGHTS_FILE, lora.WEIGHTS_FILE)
+    server.routes["/lora.tar"] = body(archive.getvalue())
+    server.routes["/bare"] = body((tmp_path / lora.WEIGHTS_FILE).read_bytes())
+    server.routes["/not"] = body(b"\x80\x04K\x01.")
+    fetched = downloads.download(server.url("/lora.tar"), "lora_weights")
+    path = lora.safetensors_in(fetched.path, tmp_path / "scratch", "lora_weights", server.url("/lora.tar"))
+    assert path == tmp_path / "scratch" / lora.WEIGHTS_FILE
+    assert path.read_bytes() == (tmp_path / lora.WEIGHTS_FILE).read_bytes()
+    bare = downloads.download(server.url("/bare"), "lora_weights").path
+    assert lora.safetensors_in(bare, tmp_path / "scratch", "lora_weights") == bare
+    not_lora = downloads.download(server.url("/not"), "lora_weights").path
+    with pytest.raises(InputError, match=r"lora_weights='http.*/not' is not allowed: .*not safetensors"):
+        lora.safetensors_in(not_lora, tmp_path / "scratch", "lora_weights", server.url("/not"))
