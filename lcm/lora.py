@@ -2,95 +2,93 @@
 
 A training's output (lcm.training) is a tar holding the LoRA as safetensors in diffusers' format
 and training.json; serving takes that archive or the bare .safetensors, from a local path or the
-http(s) URL Cog hands setup() (a Replicate training's weights). Only safetensors are read: a
-pickle, or anything else, fails setup with a message naming `weights`.
+http(s) URL Cog hands setup() (a Replicate training's weights), downloaded by lcm.downloads. Only
+safetensors are read: a pickle, or anything else, fails with a message naming the field.
 """
 
 from __future__ import annotations
 
+import logging
 import os
 import shutil
 import tarfile
-import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Optional
 
 import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file
 
-from lcm.errors import LCMError
+from lcm import downloads
+from lcm.downloads import MAX_BYTES
+from lcm.errors import InputError, LCMError
 from lcm.weights import file_sha256
+
+log = logging.getLogger("lcm")
 
 ADAPTER = "trained"  # the adapter's name on the UNet
 WEIGHTS_FILE = "pytorch_lora_weights.safetensors"  # diffusers' name, which load_lora_weights(folder) finds
 INFO_FILE = "training.json"
-# A rank-128 LoRA on every layer the trainer adapts is ~400 MB in fp32; the limit bounds a download.
-MAX_BYTES = 2_000_000_000
-DOWNLOAD_TIMEOUT_S = 60
-_ALLOWED = (
-    "a local path or http(s) URL to a training's output (.tar holding "
-    f"{WEIGHTS_FILE}) or to a LoRA .safetensors file"
-)
+FIELD = "weights"  # setup's argument (COG_WEIGHTS)
+_ALLOWED = f"a training's output (.tar holding {WEIGHTS_FILE}) or a LoRA .safetensors file"
 
 
-def _refuse(weights: str, problem: str) -> LCMError:
-    return LCMError(f"weights={weights!r} is not allowed: {_ALLOWED}; {problem}")
+def _refuse(field: str, value: str, problem: str) -> InputError:
+    return InputError(field, value, f"{_ALLOWED}; {problem}")
 
 
 def fetch(weights: str, scratch: str | os.PathLike) -> Path:
-    """The LoRA's .safetensors file on local disk: downloaded into `scratch` for a URL, taken out
-    of the training's tar, and its header checked. Raises LCMError naming `weights` otherwise."""
-    scratch = Path(scratch)
-    scratch.mkdir(parents=True, exist_ok=True)
-    if weights.startswith(("http://", "https://")):
-        path = scratch / "download"
-        try:
-            with urllib.request.urlopen(weights, timeout=DOWNLOAD_TIMEOUT_S) as answer:
-                with open(path, "wb") as out:
-                    copied = _copy(answer, out)
-        except OSError as exc:
-            raise _refuse(weights, f"the download failed ({exc})") from exc
-        if copied > MAX_BYTES:
-            raise _refuse(weights, f"the download is over {MAX_BYTES // 1_000_000} MB")
-    elif "://" in weights or weights.startswith("data:"):
-        raise _refuse(weights, "only http and https URLs are downloaded")
+    """setup's `weights`, a local path or URL, as the LoRA's .safetensors file on local disk.
+
+    A URL goes through lcm.downloads' cache and limits, except that it may name a private host:
+    COG_WEIGHTS is the operator's own choice, which may be a bucket on their own network.
+    Raises InputError (an LCMError) naming `weights` when it is not a LoRA.
+    """
+    if "://" in weights or weights.startswith("data:"):
+        fetched = downloads.download(weights, FIELD, private_ok=True)
+        log.info("%s: %s from %s", FIELD, fetched.summary(), weights)
+        path = fetched.path
     else:
         path = Path(weights)
         if not path.is_file():
-            raise _refuse(weights, "no such file")
+            raise _refuse(FIELD, weights, "no such file")
+    return safetensors_in(path, scratch, FIELD, weights)
+
+
+def safetensors_in(
+    path: Path, scratch: str | os.PathLike, field: str = FIELD, value: Optional[str] = None
+) -> Path:
+    """The LoRA in a file as downloaded or given: the file itself when safetensors, else the one a
+    training's tar holds, taken out into `scratch`; its header checked either way.
+
+    Raises InputError naming `field` and `value` (default: the path) when it is neither.
+    """
+    value = str(path) if value is None else value
+    scratch = Path(scratch)
+    scratch.mkdir(parents=True, exist_ok=True)
     if tarfile.is_tarfile(path):
-        path = _from_tar(weights, path, scratch)
+        path = _from_tar(field, value, path, scratch)
     try:
         with safe_open(path, framework="pt") as opened:
             names = list(opened.keys())
     except (SafetensorError, OSError, ValueError) as exc:
-        raise _refuse(weights, "this file is not safetensors") from exc
+        raise _refuse(field, value, "this file is not safetensors") from exc
     if not names:
-        raise _refuse(weights, "this safetensors file holds no tensor")
+        raise _refuse(field, value, "this safetensors file holds no tensor")
     return path
 
 
-def _copy(source, out) -> int:
-    copied = 0
-    while chunk := source.read(1 << 20):
-        copied += len(chunk)
-        if copied > MAX_BYTES:
-            break
-        out.write(chunk)
-    return copied
-
-
-def _from_tar(weights: str, archive: Path, scratch: Path) -> Path:
+def _from_tar(field: str, value: str, archive: Path, scratch: Path) -> Path:
     """The LoRA file from a training's tar; nothing else in it is unpacked."""
     with tarfile.open(archive, "r:*") as tf:
         try:
             entry = tf.getmember(WEIGHTS_FILE)
         except KeyError:
-            raise _refuse(weights, f"this archive has no {WEIGHTS_FILE}") from None
+            raise _refuse(field, value, f"this archive has no {WEIGHTS_FILE}") from None
         if not entry.isfile() or entry.size > MAX_BYTES:
             limit = MAX_BYTES // 1_000_000
-            raise _refuse(weights, f"{WEIGHTS_FILE} in this archive is not a file under {limit} MB")
+            raise _refuse(field, value, f"{WEIGHTS_FILE} in this archive is not a file under {limit} MB")
         path = scratch / WEIGHTS_FILE
         with tf.extractfile(entry) as source, open(path, "wb") as out:
             shutil.copyfileobj(source, out)

@@ -339,8 +339,9 @@ def test_requests_with_different_lora_scales_are_not_batched_together():
     )
 
 
-def test_weights_from_an_http_url_are_downloaded_and_checked(lora_weights, tmp_path):
-    """The URL Cog hands setup() on Replicate: fetched with the standard library (here from loopback)."""
+def test_weights_from_an_http_url_are_downloaded_and_checked(lora_weights, tmp_path, monkeypatch):
+    """The URL Cog hands setup() on Replicate: fetched by lcm.downloads (here from loopback, which
+    setup's own weights may name) into the LoRA cache."""
     import functools
     import threading
     from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
@@ -348,6 +349,7 @@ def test_weights_from_an_http_url_are_downloaded_and_checked(lora_weights, tmp_p
     handler = functools.partial(SimpleHTTPRequestHandler, directory=str(lora_weights.parent))
     httpd = ThreadingHTTPServer(("127.0.0.1", 0), handler)
     threading.Thread(target=httpd.serve_forever, daemon=True).start()
+    monkeypatch.setenv("LCM_LORA_CACHE", str(tmp_path / "cache"))
     try:
         url = f"http://127.0.0.1:{httpd.server_address[1]}"
         path = lora.fetch(f"{url}/{lora_weights.name}", tmp_path / "a")
