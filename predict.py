@@ -153,8 +153,12 @@ class Predictor(BasePredictor):
             description="Skip the safety checker. Default false: images it flags are left out of the output, and the prediction fails if it flags them all.",
             default=False,
         ),
+        lora_weights: str = Input(
+            description="URL (http or https, at most 2048 characters) of an SD 1.5 LoRA to apply to this request: a .safetensors file in diffusers/peft or kohya/A1111 format (Hugging Face, Civitai), or a Replicate training's output .tar. Cached by URL and sha256, so a repeated URL is not downloaded again. Empty: no LoRA.",
+            default="",
+        ),
         lora_scale: float = Input(
-            description="Strength of the trained LoRA this model was set up with (a fine-tuned version's weights): 0 (the base model) to 1.5. Default 1. Without trained weights only the default is allowed.",
+            description="Strength of the LoRA: lora_weights' when given (a trained LoRA then stays at 1), else the trained LoRA's this model was set up with (a fine-tuned version's weights). 0 (the base model) to 1.5. Default 1. With neither only the default is allowed.",
             default=1.0,
             ge=0.0,
             le=1.5,

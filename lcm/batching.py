@@ -40,7 +40,8 @@ def shape_key(request: Request, windows: int) -> Hashable:
     timesteps it keeps), inpainting or not (a mask blends every step; each row keeps its own
     mask and image latents), the decoder, FreeU (it changes the UNet itself), the prompt
     embedding's 77-token window count (the length of the cross-attention's context; a weighted
-    prompt's counts its text without the syntax), the LoRA's scale (one per UNet pass), and with a
+    prompt's counts its text without the syntax), the request's LoRA (by its file's sha256) and the
+    LoRA's scale (one set of adapters per pass), and with a
     control image the ControlNet's residual schedule (scale, start, end). Prompts (weighted or
     not), seeds, guidance, clip skip, safety, format, quality, control images and their Canny
     thresholds are per request: they ride along as rows or are applied per request afterwards.
@@ -64,6 +65,7 @@ def shape_key(request: Request, windows: int) -> Hashable:
         r.freeu,
         windows,
         r.lora_scale,
+        r.lora.sha256 if r.lora is not None else None,
         guide,
     )
 

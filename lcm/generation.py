@@ -14,7 +14,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from lcm import images, lora, prompts, safety, sampler, starts
+from lcm import images, prompts, safety, sampler, starts
 from lcm.model import Model
 from lcm.params import Request
 from lcm.worker import CancelFlag
@@ -75,10 +75,14 @@ def generate_batch(
     owners = [k for k, n in enumerate(sizes) for _ in range(n)]  # the request of each running row
     for module in model.compiled:
         module.eager_calls = 0
-        # The compiled UNet was traced without FreeU: a FreeU batch runs it eagerly, and says so.
-        module.eager_only = requests[0].freeu and module.name == "unet"
+        # The compiled UNet was traced without FreeU or a request's LoRA: such a batch runs it eagerly.
+        module.eager_only = (requests[0].freeu or requests[0].lora is not None) and module.name == "unet"
     clock = _Clock(model.device)
     pipe, first = model.pipe, requests[0]
+    # The same LoRA and lora_scale for all (the shape key); before the text encoder, which it may adapt.
+    model.adapters.activate(pipe, model.lora, first.lora, first.lora_scale)
+    if first.lora is not None:
+        clock.lap("lora")  # loading it the first time, else switching to it
     embeddings = [
         prompts.encode_prompt(
             pipe.tokenizer, pipe.text_encoder, r.prompt, model.device, r.clip_skip, r.compel
@@ -87,8 +91,6 @@ def generate_batch(
     ]
     clock.lap("text")
     scheduler = model.scheduler(first)  # the same timesteps for all: they share a shape key
-    if model.lora is not None:  # the same lora_scale for all: it is in the shape key
-        model.lora = lora.set_scale(pipe, model.lora, first.lora_scale)
     generators = [sampler.generators_for(r.seeds) for r in requests]
     start = starts.prepare(model, requests, scheduler, generators)
     clock.lap("prepare")

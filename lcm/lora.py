@@ -12,11 +12,18 @@ import logging
 import os
 import shutil
 import tarfile
+import tempfile
+from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional
+from typing import Any, Optional
 
 import torch
+from diffusers.loaders.lora_base import (
+    disable_lora_for_text_encoder,
+    enable_lora_for_text_encoder,
+    set_adapters_for_text_encoder,
+)
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file
 
@@ -97,10 +104,9 @@ def _from_tar(field: str, value: str, archive: Path, scratch: Path) -> Path:
 
 @dataclass(frozen=True)
 class LoadedLora:
-    """The LoRA on the UNet: its file's sha256 (what files record) and the scale last set."""
+    """The trained LoRA on the UNet: its file's sha256 (what files record). Adapters sets its scale."""
 
     sha256: str
-    scale: float
 
 
 def attach(pipe, path: str | os.PathLike) -> LoadedLora:
@@ -122,12 +128,143 @@ def attach(pipe, path: str | os.PathLike) -> LoadedLora:
     for module in pipe.components.values():
         if isinstance(module, torch.nn.Module):
             module.requires_grad_(False)
-    return LoadedLora(digest, 1.0)
+    return LoadedLora(digest)
 
 
-def set_scale(pipe, loaded: LoadedLora, scale: float) -> LoadedLora:
-    """The LoRA at `scale` for the next passes (0: the base model's output exactly)."""
-    if scale == loaded.scale:
-        return loaded
-    pipe.unet.set_adapters([ADAPTER], weights=[scale])
-    return LoadedLora(loaded.sha256, scale)
+# A request's LoRA (the input lora_weights): fetched by URL through lcm.downloads' cache, loaded as
+# a peft adapter by diffusers' own loader (UNet and text-encoder parts, diffusers/peft or kohya/A1111
+# keys), kept loaded among the last MAX_LOADED, and switched per batch.
+REQUEST_FIELD = "lora_weights"
+# Adapters kept loaded: switching among them is set_adapters only (no file read). Each holds its
+# LoRA's weights (SD 1.5 LoRAs: 10-150 MB), beside a 2-4 GB model.
+MAX_LOADED = 4
+_UNPACKED = Path(tempfile.gettempdir()) / "lcm-lora-unpacked"  # LoRAs taken out of training tars
+
+
+@dataclass(frozen=True)
+class RequestLora:
+    """A request's LoRA as fetched: its URL, its .safetensors file, that file's sha256 (what files
+    record), and how it was fetched (downloaded or cached, the time) for the request's log line."""
+
+    url: str
+    path: Path
+    sha256: str
+    fetched: str
+
+
+def fetch_request_lora(url: str, expected_sha256: Optional[str] = None) -> RequestLora:
+    """The LoRA a request names by URL, from the cache or downloaded (public hosts only unless
+    LCM_ALLOW_PRIVATE_URLS=1); a training's tar is taken apart once per archive.
+
+    `expected_sha256` (a file's record, for reproduce): the LoRA must still be that one. Raises
+    InputError naming lora_weights.
+    """
+    fetched = downloads.download(url, REQUEST_FIELD)
+    path = fetched.path
+    if tarfile.is_tarfile(path):
+        path = _UNPACKED / f"{fetched.sha256}.safetensors"
+        if not path.is_file():
+            _UNPACKED.mkdir(parents=True, exist_ok=True)
+            scratch = Path(tempfile.mkdtemp(dir=_UNPACKED))
+            try:
+                os.replace(safetensors_in(fetched.path, scratch, REQUEST_FIELD, url), path)
+            finally:
+                shutil.rmtree(scratch, ignore_errors=True)
+        digest = file_sha256(path)
+    else:
+        safetensors_in(path, fetched.path.parent, REQUEST_FIELD, url)  # checks the header only
+        digest = fetched.sha256
+    if expected_sha256 is not None and digest != expected_sha256:
+        raise InputError(
+            REQUEST_FIELD,
+            url,
+            f"the LoRA the file was made with (sha256 {expected_sha256}); the file at this URL is now "
+            f"another (sha256 {digest}), so the image would not be the same",
+        )
+    return RequestLora(url, path, digest, fetched.summary())
+
+
+class Adapters:
+    """The request LoRAs loaded on the pipeline (least recently used first) and what runs now.
+
+    Only the engine thread uses it. A batch without a request LoRA runs the base model (with the
+    trained LoRA, if any, at lora_scale) through peft's disabled adapters: each adapted layer
+    computes its base layer alone, so its output is the base model's, bit for bit. With a request
+    LoRA, lora_scale is that LoRA's and a trained LoRA stays at 1: a fine-tuned version with a
+    style on top.
+    """
+
+    def __init__(self, limit: int = MAX_LOADED) -> None:
+        self.limit = limit
+        self.loaded: OrderedDict[str, tuple[str, bool, bool]] = OrderedDict()  # sha -> name, unet, te
+        self._active: Optional[tuple] = None
+
+    def activate(
+        self, pipe: Any, trained: Optional[LoadedLora], wanted: Optional[RequestLora], scale: float
+    ) -> None:
+        """The adapters for the next passes: `wanted` at `scale` (loaded if it is not), or none."""
+        name, in_unet, in_text = self._load(pipe, wanted) if wanted is not None else (None, False, False)
+        unet = [(ADAPTER, 1.0 if wanted is not None else scale)] if trained is not None else []
+        if in_unet:
+            unet.append((name, scale))
+        state = (tuple(unet), name if in_text else None, scale)
+        if state == self._active:
+            return
+        if unet:
+            pipe.unet.enable_adapters()
+            pipe.unet.set_adapters([n for n, _ in unet], weights=[w for _, w in unet])
+        elif getattr(pipe.unet, "peft_config", None):
+            pipe.unet.disable_adapters()
+        if in_text:
+            enable_lora_for_text_encoder(pipe.text_encoder)
+            set_adapters_for_text_encoder([name], pipe.text_encoder, [scale])
+        elif getattr(pipe.text_encoder, "peft_config", None):
+            disable_lora_for_text_encoder(pipe.text_encoder)
+        self._active = state
+
+    def _load(self, pipe: Any, wanted: RequestLora) -> tuple[str, bool, bool]:
+        if wanted.sha256 in self.loaded:
+            self.loaded.move_to_end(wanted.sha256)
+            self._evict(pipe)
+            return self.loaded[wanted.sha256]
+        if not wanted.path.is_file():  # evicted from the download cache since the request was built
+            wanted = fetch_request_lora(wanted.url, wanted.sha256)
+        name = f"request-{wanted.sha256[:16]}"
+        try:
+            with torch.inference_mode(False):  # the adapters' parameters are ordinary tensors
+                pipe.load_lora_weights(load_file(wanted.path), adapter_name=name)
+        except (ValueError, KeyError, RuntimeError, TypeError) as exc:  # peft's no-matching-module among them
+            self._forget(pipe, name)
+            raise InputError(
+                REQUEST_FIELD, wanted.url, f"an SD 1.5 LoRA; this one does not fit ({exc})"
+            ) from exc
+        in_unet = name in (getattr(pipe.unet, "peft_config", None) or {})
+        in_text = name in (getattr(pipe.text_encoder, "peft_config", None) or {})
+        if not (in_unet or in_text):
+            self._forget(pipe, name)
+            raise InputError(
+                REQUEST_FIELD,
+                wanted.url,
+                "an SD 1.5 LoRA; this file fits no layer of this model's UNet or text encoder",
+            )
+        for module in (pipe.unet, pipe.text_encoder):
+            module.requires_grad_(False)
+        self.loaded[wanted.sha256] = (name, in_unet, in_text)
+        self._evict(pipe)
+        self._active = None  # loading may have changed which adapters are set
+        return self.loaded[wanted.sha256]
+
+    def _evict(self, pipe: Any) -> None:
+        """Least recently used out, down to `limit`; never the one just asked for (the last)."""
+        while len(self.loaded) > max(1, self.limit):
+            _, (old, _, _) = self.loaded.popitem(last=False)
+            pipe.delete_adapters(old)
+
+    def _forget(self, pipe: Any, name: str) -> None:
+        """Take a half-loaded adapter off again (the UNet's part may have loaded before the text
+        encoder's failed), and set the adapters anew next time: the loader may have switched them."""
+        self._active = None
+        for module in (pipe.unet, pipe.text_encoder):
+            if name in (getattr(module, "peft_config", None) or {}):
+                pipe.delete_adapters(name)
+                return

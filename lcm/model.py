@@ -25,6 +25,7 @@ from lcm.loading import (
     load_pipeline,
     load_taesd,
 )
+from lcm.lora import Adapters
 from lcm.params import SPECS, Request
 from lcm.weights import weights_dir
 
@@ -44,6 +45,7 @@ class Model:
     taesd: Optional[AutoencoderTiny] = None  # fast_decode's tiny decoder, when the weights have one
     controlnet: Optional[ControlNetModel] = None  # control_image's canny ControlNet, when they have one
     lora: Optional[lora.LoadedLora] = None  # trained weights on the UNet (load's `lora_path`)
+    adapters: Adapters = field(default_factory=Adapters)  # requests' LoRAs (lora_weights)
     # The UNet forward and VAE decoder wrappers, torch.compile's or OpenVINO's (with their protocol).
     compiled: list[compiling.CompiledForShapes] = field(default_factory=list)
 
@@ -58,11 +60,17 @@ class Model:
             raise InputError(
                 "clip_skip", request.clip_skip, f"an integer from 0 to {layers - 1} for this model"
             )
-        if self.lora is None and request.lora_scale != SPECS["lora_scale"].default:
+        if self.lora is None and request.lora is None and request.lora_scale != SPECS["lora_scale"].default:
             raise InputError(
                 "lora_scale",
                 request.lora_scale,
-                "only with trained weights loaded (setup's weights, COG_WEIGHTS or --lora); none are",
+                "only with a LoRA: lora_weights, or trained weights loaded (setup's weights, COG_WEIGHTS or "
+                "--lora); there is neither",
+            )
+        if request.lora is not None and self.accel.fuse_qkv:
+            raise LCMError(
+                "lora_weights cannot run with LCM_FUSE_QKV=1 (fused projections would bypass the LoRA's "
+                "query, key and value layers): unset LCM_FUSE_QKV, or leave lora_weights empty"
             )
         if request.fast_decode and self.taesd is None:
             raise LCMError(

@@ -12,14 +12,17 @@ import math
 import secrets
 from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import Any, Optional
+from typing import TYPE_CHECKING, Any, Optional
 
 from PIL import Image
 
 import lcm
-from lcm import images, prompts
+from lcm import downloads, images, prompts
 from lcm.errors import InputError
 from lcm.weights import file_sha256
+
+if TYPE_CHECKING:
+    from lcm import lora
 
 MIN_SIZE = 256
 MAX_SIZE = 1024
@@ -33,10 +36,12 @@ MAX_ORIGIN_STEPS = 1000  # the scheduler's num_train_timesteps
 MAX_SEED = 2**32 - 1
 MAX_PROMPT_CHARS = 5000  # a cheap bound before tokenizing; the real limit is prompts.MAX_WINDOWS
 MAX_LORA_SCALE = 1.5
+MAX_URL_CHARS = 2048  # what browsers and CDNs reliably carry; presigned URLs run to ~1,500
 MAX_CLIP_SKIP = 11  # the real text encoder has 12 layers; the engine checks the loaded one
 MAX_CONTROL_SCALE = 4.0
 OUTPUT_FORMATS = tuple(images.EXTENSIONS)
 DEFAULT_PROMPT = "Self-portrait oil painting, a beautiful cyborg with golden hair, 8k"
+LORA_SHA256_KEY = "lora_weights_sha256"  # in a file's metadata, with lora_weights
 WEIGHTING_KEY = "prompt_weighting"  # in a file's metadata, "compel" where the prompt was weighted
 
 
@@ -80,7 +85,21 @@ INPUTS: tuple[Spec, ...] = (
     Spec("output_quality", 90, int, 1, 100, help="webp and jpg quality"),
     Spec("fast_decode", False, bool, help="decode with TAESD: faster, less fine detail"),
     Spec("disable_safety_checker", False, bool, help="skip the safety checker"),
-    Spec("lora_scale", 1.0, float, 0.0, MAX_LORA_SCALE, help="strength of the trained LoRA (setup weights)"),
+    Spec(
+        "lora_weights",
+        "",
+        str,
+        high=MAX_URL_CHARS,
+        help="http(s) URL of an SD 1.5 LoRA (.safetensors, or a training's .tar); empty: none",
+    ),
+    Spec(
+        "lora_scale",
+        1.0,
+        float,
+        0.0,
+        MAX_LORA_SCALE,
+        help="strength of the LoRA (lora_weights, else trained)",
+    ),
     Spec(
         "control_image",
         None,
@@ -136,7 +155,7 @@ CONTROL_SETTINGS = (
     "return_control_image",
 )
 # Inputs a file records only away from their defaults (see Request.metadata).
-OPTIONAL_IN_FILES = ("lora_scale", "freeu", *CONTROL_SETTINGS)
+OPTIONAL_IN_FILES = ("lora_weights", "lora_scale", "freeu", *CONTROL_SETTINGS)
 SPECS = {spec.name: spec for spec in INPUTS}
 _OMITTED = object()
 DEFAULT_STRENGTH = SPECS["prompt_strength"].default
@@ -253,7 +272,9 @@ class Request:
     fast_decode: bool
     lora_scale: float
     freeu: bool
+    lora_weights: str
     compel: bool
+    lora: Optional[lora.RequestLora]  # lora_weights' file as fetched (None: no lora_weights)
     control_image: Optional[Image.Image] = field(default=None, compare=False, repr=False)  # fitted too
     control_image_sha256: Optional[str] = None
     controlnet_conditioning_scale: float = SPECS["controlnet_conditioning_scale"].default
@@ -269,11 +290,15 @@ class Request:
         return self.compel and prompts.weighting(self.prompt) is not None
 
     @classmethod
-    def build(cls, prompt: Any = _OMITTED, *, compel: bool = True, **inputs: Any) -> "Request":
+    def build(
+        cls, prompt: Any = _OMITTED, *, compel: bool = True, lora_sha256: Optional[str] = None, **inputs: Any
+    ) -> "Request":
         """Validate every input, read the input image, resolve size and seed.
 
         Takes INPUTS' names, the prompt also first by position; any left out takes its default.
         `compel=False` reads the prompt as plain text, as files made before weighting existed were.
+        lora_weights is fetched last (from the cache, or downloaded), once every other input passed;
+        `lora_sha256` (a file's record) is the sha256 its LoRA must still have.
 
         Raises InputError naming the first bad field. Without an image, width and height default
         to 768; with one, they follow output_size and the image is fitted to them. The control
@@ -291,6 +316,8 @@ class Request:
                 v[spec.name] = check(spec, v[spec.name], steps, f" (at least num_inference_steps={steps})")
             else:
                 v[spec.name] = check(spec, v[spec.name])
+        if v["lora_weights"]:
+            downloads.check_url(v["lora_weights"], "lora_weights")
         if compel:
             prompts.weighting(v["prompt"])  # Compel's syntax: a bad one fails here, before it is queued
         if v["seed"] is None:
@@ -343,7 +370,12 @@ class Request:
         v.update(width=width, height=height, image=fitted, image_sha256=digest)
         v.update(mask=fitted_mask, mask_sha256=mask_digest)
         v["safety_checker"] = not v.pop("disable_safety_checker")
-        return cls(**v, compel=compel)
+        fetched = None
+        if v["lora_weights"]:
+            from lcm import lora  # torch and diffusers: imported only by a request that needs them
+
+            fetched = lora.fetch_request_lora(v["lora_weights"], lora_sha256)
+        return cls(**v, compel=compel, lora=fetched)
 
     @property
     def seeds(self) -> list[int]:
@@ -358,7 +390,7 @@ class Request:
         keeps its bytes (from_metadata reads a missing one as its default). return_control_image
         never appears: it adds a file but changes no image.
         """
-        skip = {"image", "mask", "control_image", "num_images", "safety_checker", "compel"}
+        skip = {"image", "mask", "control_image", "num_images", "safety_checker", "compel", "lora"}
         skip.add("return_control_image")
         if self.image is None:
             skip |= {"prompt_strength", "image_sha256"}
@@ -367,6 +399,8 @@ class Request:
         values = {f.name: getattr(self, f.name) for f in fields(self) if f.name not in skip}
         if self.weighted:  # only then: a file without it was read as text, made before weighting or not
             values[WEIGHTING_KEY] = "compel"
+        if self.lora is not None:
+            values[LORA_SHA256_KEY] = self.lora.sha256
         return {**values, "seed": seed, "model": lcm.MODEL_NAME, "version": lcm.__version__}
 
     @classmethod
@@ -400,6 +434,7 @@ class Request:
             mask=mask if wanted_mask else None,
             control_image=control_image if wanted_control else None,
             compel=compel,
+            lora_sha256=meta.get(LORA_SHA256_KEY),
         )
 
 

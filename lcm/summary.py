@@ -42,8 +42,8 @@ def line(generation: Generation, model: Model) -> str:
         *generation.batch,
         model.device,
         dtype_name(model.dtype),
-        _graphs(generation.eager, r.control_image is not None, r.freeu),
-        f" lora={model.lora.sha256[:12]}x{r.lora_scale:.2f}" if model.lora is not None else "",
+        _graphs(generation.eager, r.control_image is not None, r.freeu, r.lora is not None),
+        _loras(r, model),
         stages,
     )
 
@@ -75,7 +75,17 @@ def _weighting(generation: Generation) -> str:
     return "text(nested>16)" if prompts.too_deep(generation.request.prompt) else "none"
 
 
-def _graphs(eager: Optional[list[str]], control: bool, freeu: bool) -> str:
+def _loras(r: Request, model: Model) -> str:
+    """The log line's LoRAs: the trained one (at 1 beside a request's) and the request's, as fetched."""
+    said = ""
+    if model.lora is not None:
+        said += f" lora={model.lora.sha256[:12]}x{1.0 if r.lora is not None else r.lora_scale:.2f}"
+    if r.lora is not None:
+        said += f" lora_weights={r.lora.sha256[:12]}x{r.lora_scale:.2f} ({r.lora.fetched})"
+    return said
+
+
+def _graphs(eager: Optional[list[str]], control: bool, freeu: bool, request_lora: bool) -> str:
     """The log line's note on compiled graphs (torch.compile's or OpenVINO's): empty without."""
     if eager is None:
         return ""
@@ -84,6 +94,8 @@ def _graphs(eager: Optional[list[str]], control: bool, freeu: bool) -> str:
     why = "not a size compiled in setup, see LCM_COMPILE_SIZES"
     if freeu and eager == ["unet"]:
         why = "FreeU runs it uncompiled"
+    elif request_lora and eager == ["unet"]:
+        why = "a request's LoRA runs it uncompiled"
     elif control and eager == ["unet"]:  # the VAE ran compiled, so the size was compiled
         why = "its passes with the ControlNet's residuals run eagerly"
     return f" graphs=eager({'+'.join(eager)}: {why})"

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -19,6 +20,9 @@ os.environ.setdefault("LCM_DTYPE", "float32")
 # Likewise torch runs the UNet and VAE unless a test asks for OpenVINO (test_openvino.py), whose
 # default on a CPU running bf16 is tested there with the variable unset.
 os.environ.setdefault("LCM_RUNTIME", "torch")
+# Requests' LoRAs (lora_weights) are cached in a scratch directory, not the checkout's .cache, and the
+# tests serve them from 127.0.0.1, which only LCM_ALLOW_PRIVATE_URLS=1 lets a request name.
+os.environ.setdefault("LCM_LORA_CACHE", tempfile.mkdtemp(prefix="lcm-test-loras-"))
 
 
 @pytest.fixture(scope="session")

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import io
+from pathlib import Path
 
 import numpy as np
 import torch
+from diffusers import LatentConsistencyModelPipeline
 from PIL import Image
 
 
@@ -30,3 +32,18 @@ def cut_text_encoder(encoder: torch.nn.Module, clip_skip: int) -> torch.nn.Modul
     missing, _ = cut.load_state_dict(encoder.state_dict(), strict=False)
     assert missing == []
     return cut
+
+
+def pretrained(checkpoint: Path, dtype: torch.dtype, channels_last: bool) -> LatentConsistencyModelPipeline:
+    """diffusers' LCM pipeline loaded in `dtype`, without the safety checker (the compared requests
+    disable it), its UNet and VAE in the memory format the engine runs them in (lcm.accel's
+    channels_last): bf16 comparisons need the same layout (tests/test_bf16.py)."""
+    pipe = LatentConsistencyModelPipeline.from_pretrained(
+        checkpoint, local_files_only=True, use_safetensors=True, dtype=dtype
+    )
+    pipe.safety_checker = None
+    if channels_last:
+        for module in (pipe.unet, pipe.vae):
+            module.to(memory_format=torch.channels_last)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe

@@ -216,7 +216,7 @@ CASES = [
     ),
     pytest.param(
         {**BASE, "lora_scale": 0.5},
-        failed("lora_scale", "only with trained weights"),
+        failed("lora_scale", "only with a LoRA"),
         id="lora-scale-no-lora",
     ),
     # --- prompts --------------------------------------------------------------------------------

@@ -51,7 +51,7 @@ from lcm.generation import FREEU
 from lcm.loading import CONTROLNET_DIR
 from lcm.params import Request
 from lcm.worker import CancelFlag
-from reference import gradient_png
+from reference import gradient_png, pretrained
 
 BF16 = torch.bfloat16
 SIZE = 256
@@ -81,23 +81,9 @@ def bf16(tiny_checkpoint):
     engine.close()
 
 
-def pretrained(checkpoint: Path, channels_last: bool) -> LatentConsistencyModelPipeline:
-    """diffusers' LCM pipeline loaded in bf16, without the safety checker (the requests disable it), its
-    UNet and VAE in the memory format the engine runs them in (lcm.accel's channels_last)."""
-    pipe = LatentConsistencyModelPipeline.from_pretrained(
-        checkpoint, local_files_only=True, use_safetensors=True, dtype=BF16
-    )
-    pipe.safety_checker = None
-    if channels_last:
-        for module in (pipe.unet, pipe.vae):
-            module.to(memory_format=torch.channels_last)
-    pipe.set_progress_bar_config(disable=True)
-    return pipe
-
-
 @pytest.fixture(scope="module")
 def ref(tiny_checkpoint, bf16) -> LatentConsistencyModelPipeline:
-    return pretrained(tiny_checkpoint, bf16.model.accel.channels_last)
+    return pretrained(tiny_checkpoint, BF16, bf16.model.accel.channels_last)
 
 
 @pytest.fixture(scope="module")
@@ -263,7 +249,7 @@ def test_lora_equals_diffusers_load_lora_weights_in_bf16(tiny_checkpoint, lora_f
         plain = engine.generate(request(prompt="a photo", lora_scale=0.0)).pixels[0]
     finally:
         engine.close()
-    pipe = pretrained(tiny_checkpoint, engine.model.accel.channels_last)
+    pipe = pretrained(tiny_checkpoint, BF16, engine.model.accel.channels_last)
     pipe.load_lora_weights(str(lora_file.parent), weight_name=lora_file.name, adapter_name="trained")
     pipe.set_adapters(["trained"], adapter_weights=[scale])
     within("lora", ours, run_lcm(pipe, req))

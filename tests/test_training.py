@@ -179,7 +179,7 @@ def test_files_record_the_lora_and_reproduce_only_with_it(tuned, engine, trained
         tmp_path / "plain",
     )
     assert "lora_sha256" not in read_metadata(plain) and "lora_scale" not in read_metadata(plain)
-    with pytest.raises(InputError, match="lora_scale=0.5 is not allowed: only with trained weights"):
+    with pytest.raises(InputError, match="lora_scale=0.5 is not allowed: only with a LoRA"):
         engine.model.check(Request.from_metadata(meta))
 
 
