@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import collections
+import contextlib
+import dataclasses
 import logging
 import os
 import shutil
 import tempfile
 import time
-from typing import Callable, List, Optional
+from typing import Callable, Iterator, List, Optional
 
 import cog.types
 from cog import BasePredictor, Input, Path
@@ -26,6 +28,12 @@ OUTPUT_FORMATS = ["png", "webp", "jpg"]
 log = logging.getLogger("lcm")
 # How long a returned file stays on disk when Cog serves several predictions at once (seconds).
 KEEP_OUTPUTS_ENV, KEEP_OUTPUTS_S = "LCM_KEEP_OUTPUTS_S", 300.0
+# ...and how many megabytes (10^6 bytes) of them, at most, that Cog has surely read (ReturnedOutputs).
+# Cog needs none of them once read; the budget bounds what the time rule keeps. 1000 MB is 40 of the
+# largest predictions (8.4 MP of PNG at compress level 1, about 25 MB), five times what 8 slots can
+# return at once, and a small part of the disk of a machine that holds this image (CUDA, torch and
+# 2.7 GB of weights), where 300 s at GPU rates (tens of 1 MB PNGs a second) would be gigabytes.
+KEEP_OUTPUTS_MB_ENV, KEEP_OUTPUTS_MB = "LCM_KEEP_OUTPUTS_MB", 1000.0
 _DOWNLOADED: set[str] = set()  # files Cog downloaded for inputs, until the prediction they are for reads them
 
 
@@ -46,6 +54,91 @@ if not getattr(cog.types.URLPath.convert, "records_downloads", False):
     cog.types.URLPath.convert = _recording(cog.types.URLPath.convert)
 
 
+@dataclasses.dataclass
+class _Returned:
+    folder: str
+    when: float  # the clock's time at its return
+    size: int  # bytes of its files, summed at its return
+
+
+class ReturnedOutputs:
+    """The folders of returned predictions, removed once Cog is done with them, so disk use stays bounded.
+
+    Cog never deletes returned files, and it reads them after predict() has returned: the worker
+    sends each Path to the server process, whose event loop reads the file when it handles that
+    message and keeps the bytes (a data: URL, or an upload from memory); a file gone by then is
+    logged there ("Failed to read FileOutput") and left out of an answer that still succeeds
+    (coglet 0.23.1: crates/coglet-python/src/predictor.rs, crates/coglet/src/orchestrator.rs).
+    What tells the worker a file has been read: the server gives a slot its next prediction only
+    after handling the last one's Done message, which follows its files on that slot's socket. So a
+    prediction that starts while every other slot runs one (in predict()) proves every earlier
+    returned folder read: were its slot one of those running, that slot's prediction started after
+    it; else it is this one's. With one slot, every start proves it. Nothing else reaches the
+    worker: with a slot free, what it sees is consistent with that slot's last files being unread.
+
+    Rules, applied at each start and each return: with one slot, a start removes every returned
+    folder. With more, a folder goes LCM_KEEP_OUTPUTS_S after its return (read or not: the server
+    reads it as soon as it handles the message), and sooner, oldest first, while the folders' bytes
+    exceed LCM_KEEP_OUTPUTS_MB, if proven read; the one returning now never is. So returned folders
+    hold at most the budget, or if more, what was returned since the last proof; the folders of the
+    predictions running come on top. Used from Cog's event loop thread only, as predict() runs.
+    """
+
+    def __init__(
+        self, slots: int, keep_s: float, keep_bytes: float, clock: Callable[[], float] = time.monotonic
+    ) -> None:
+        self.slots, self.keep_s, self.keep_bytes, self.clock = slots, keep_s, keep_bytes, clock
+        self.folders: collections.deque[_Returned] = collections.deque()  # oldest first
+        self.size = 0  # bytes of self.folders
+        self.read = 0  # how many of the oldest folders Cog has surely read
+        self.running = 0  # predictions in predict()
+
+    @contextlib.contextmanager
+    def predicting(self) -> Iterator[None]:
+        """Around one predict() call: its start may prove earlier folders read."""
+        if self.running == self.slots - 1:
+            self.read = len(self.folders)
+        self.running += 1
+        try:
+            self._remove()
+            yield
+        finally:
+            self.running -= 1
+
+    def returned(self, folder: str, paths: list[os.PathLike]) -> None:
+        """A prediction returns `paths`, all in `folder`: kept until a rule removes it."""
+        size = sum(os.path.getsize(p) for p in paths)
+        self.folders.append(_Returned(folder, self.clock(), size))
+        self.size += size
+        self._remove()
+
+    def _remove(self) -> None:
+        now, early, early_bytes, held = self.clock(), 0, 0, self.size
+        while self.folders:
+            oldest = self.folders[0]
+            if now - oldest.when <= self.keep_s:
+                if not self.read or (self.slots > 1 and self.size <= self.keep_bytes):
+                    break
+                if self.slots > 1:
+                    early, early_bytes = early + 1, early_bytes + oldest.size
+            self.folders.popleft()
+            self.size -= oldest.size
+            self.read = max(self.read - 1, 0)
+            shutil.rmtree(oldest.folder, ignore_errors=True)
+        if early:
+            log.info(
+                "removed %d returned output folder(s), %.3g MB, before %s=%g: returned outputs held "
+                "%.3g MB, over %s=%g, and Cog had read them",
+                early,
+                early_bytes / 1e6,
+                KEEP_OUTPUTS_ENV,
+                self.keep_s,
+                held / 1e6,
+                KEEP_OUTPUTS_MB_ENV,
+                self.keep_bytes / 1e6,
+            )
+
+
 class Predictor(BasePredictor):
     def setup(self, weights: Optional[str] = None) -> None:
         """Load the pipeline once from local weights (LCM_WEIGHTS_DIR, else weights/), never the network.
@@ -54,8 +147,11 @@ class Predictor(BasePredictor):
         the training's archive or its .safetensors, downloaded here if a URL, put on the UNet.
         """
         logging.basicConfig(level=logging.INFO, format="%(message)s")
-        self.returned: collections.deque[tuple[str, float]] = collections.deque()  # (folder, when)
-        self.keep_outputs_s = keep_outputs_seconds()
+        self.outputs = ReturnedOutputs(
+            slots=int(os.environ.get("COG_MAX_CONCURRENCY", "1")),
+            keep_s=env_amount(KEEP_OUTPUTS_ENV, KEEP_OUTPUTS_S, "seconds"),
+            keep_bytes=env_amount(KEEP_OUTPUTS_MB_ENV, KEEP_OUTPUTS_MB, "megabytes (10^6 bytes)") * 1e6,
+        )
         lora_path = None
         if weights:
             lora_path = lora.fetch(str(weights), tempfile.mkdtemp(prefix="lcm-lora-"))
@@ -205,46 +301,34 @@ class Predictor(BasePredictor):
         request's cancel flag: the engine drops its rows at the next step.
         """
         inputs = {name: value for name, value in locals().items() if name != "self"}  # by their own names
-        self._remove_sent_outputs()
-        output_dir = tempfile.mkdtemp(prefix="lcm-")
-        job = None
-        try:
+        with self.outputs.predicting():
             take_downloads({"image": image, "mask": mask, "control_image": control_image})
             request = Request.build(**inputs)
-            job = self.engine.submit(request, output_dir)
-            served = await job.outcome()
-        except BaseException:  # failed or cancelled: leave no partial files behind
-            if job is not None:
-                await job.cancelled()  # the engine has let go of the directory before it goes
-            shutil.rmtree(output_dir, ignore_errors=True)
-            raise
-        self.returned.append((output_dir, time.monotonic()))
+            output_dir = tempfile.mkdtemp(prefix="lcm-")
+            job = None
+            try:
+                job = self.engine.submit(request, output_dir)
+                served = await job.outcome()
+            except BaseException:  # failed or cancelled: leave no partial files behind
+                if job is not None:
+                    await job.cancelled()  # the engine has let go of the directory before it goes
+                shutil.rmtree(output_dir, ignore_errors=True)
+                raise
+            self.outputs.returned(output_dir, served.paths)
         log.info("%s", served.summary)  # here, in this prediction's context, so that Cog files it with it
         return [Path(p) for p in served.paths]
 
-    def _remove_sent_outputs(self) -> None:
-        """Cog never deletes returned files: remove those it has surely sent, so disk use stays bounded.
 
-        With one slot, a new prediction means the last one's answer has gone. With more, another
-        slot's answer may still be on its way (an upload, say): files are kept LCM_KEEP_OUTPUTS_S
-        (default KEEP_OUTPUTS_S) after their prediction returned.
-        """
-        slots = int(os.environ.get("COG_MAX_CONCURRENCY", "1"))
-        now = time.monotonic()
-        while self.returned and (slots <= 1 or now - self.returned[0][1] > self.keep_outputs_s):
-            shutil.rmtree(self.returned.popleft()[0], ignore_errors=True)
-
-
-def keep_outputs_seconds() -> float:
-    """LCM_KEEP_OUTPUTS_S, else KEEP_OUTPUTS_S; a bad value fails setup naming it."""
-    text = os.environ.get(KEEP_OUTPUTS_ENV, "")
+def env_amount(name: str, default: float, unit: str) -> float:
+    """The number in environment variable `name`, else `default`; a bad value fails setup naming it."""
+    text = os.environ.get(name, "")
     try:
-        seconds = float(text) if text else KEEP_OUTPUTS_S
+        amount = float(text) if text else default
     except ValueError:
-        seconds = -1.0
-    if not 0 <= seconds < float("inf"):
-        raise LCMError(f"{KEEP_OUTPUTS_ENV}={text!r} is not allowed: use a number of seconds, 0 or more")
-    return seconds
+        amount = -1.0
+    if not 0 <= amount < float("inf"):
+        raise LCMError(f"{name}={text!r} is not allowed: use a number of {unit}, 0 or more")
+    return amount
 
 
 def take_downloads(files: dict[str, object]) -> None:
