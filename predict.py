@@ -68,7 +68,8 @@ class ReturnedOutputs:
     sends each Path to the server process, whose event loop reads the file when it handles that
     message and keeps the bytes (a data: URL, or an upload from memory); a file gone by then is
     logged there ("Failed to read FileOutput") and left out of an answer that still succeeds
-    (coglet 0.23.1: crates/coglet-python/src/predictor.rs, crates/coglet/src/orchestrator.rs).
+    (coglet's crates/coglet-python/src/predictor.rs and crates/coglet/src/orchestrator.rs; shown
+    for 0.23.1 in tests/test_outputs_on_disk.py).
     What tells the worker a file has been read: the server gives a slot its next prediction only
     after handling the last one's Done message, which follows its files on that slot's socket. So a
     prediction that starts while every other slot runs one (in predict()) proves every earlier
