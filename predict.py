@@ -9,6 +9,7 @@ import logging
 import os
 import shutil
 import tempfile
+import threading
 import time
 from typing import Callable, Iterator, List, Optional
 
@@ -34,13 +35,63 @@ KEEP_OUTPUTS_ENV, KEEP_OUTPUTS_S = "LCM_KEEP_OUTPUTS_S", 300.0
 # return at once, and a small part of the disk of a machine that holds this image (CUDA, torch and
 # 2.7 GB of weights), where 300 s at GPU rates (tens of 1 MB PNGs a second) would be gigabytes.
 KEEP_OUTPUTS_MB_ENV, KEEP_OUTPUTS_MB = "LCM_KEEP_OUTPUTS_MB", 1000.0
-_DOWNLOADED: set[str] = set()  # files Cog downloaded for inputs, until the prediction they are for reads them
+# How long a file Cog downloaded for an input stays on record for the prediction it is for (seconds).
+# Cog downloads a request's inputs at once (URLPath.convert, in a thread pool), then hands its
+# predict() to the event loop, whose first step takes them (take_downloads) before any await: a
+# record waits for the request's other downloads and that step. One older than this is from a
+# request that never got there (cancelled first, or another input failed to download: then Cog
+# 0.23.1 leaves this file on disk too), or one whose own downloads took longer, refused then.
+DOWNLOAD_RECORD_S = 600.0
+
+
+class Downloads:
+    """Files Cog downloaded for inputs, each until the prediction it is for takes it, or it expires."""
+
+    def __init__(self, keep_s: float, clock: Callable[[], float] = time.monotonic) -> None:
+        self.keep_s, self.clock = keep_s, clock
+        self.made: collections.OrderedDict[str, float] = collections.OrderedDict()  # path: when
+        self._lock = threading.Lock()  # Cog's download threads record while the event loop takes
+
+    def record(self, path: str) -> None:
+        """Cog has downloaded `path`; records no prediction took within keep_s go, with their files."""
+        with self._lock:
+            now = self.clock()
+            while self.made and now - next(iter(self.made.values())) > self.keep_s:
+                expired, _ = self.made.popitem(last=False)
+                with contextlib.suppress(FileNotFoundError):  # Cog removes those of a cancelled request
+                    os.unlink(expired)
+            self.made.pop(path, None)
+            self.made[path] = now
+
+    def take(self, files: dict[str, object]) -> None:
+        """Refuse any file input but a file Cog downloaded from an http(s) or data: URL, and only once.
+
+        Cog hands any other string on as a path, which would let a caller read files on the server,
+        another request's upload among them. Each download is taken off the record by the prediction
+        it was made for, so no other prediction (concurrent or later) can name it: every file's record
+        is taken before the first refused one (by its field's name) fails the prediction.
+        """
+        with self._lock:
+            refused = [
+                (field, path)
+                for field, path in files.items()
+                if path is not None and self.made.pop(os.fspath(path), None) is None
+            ]
+        if refused:
+            field, path = refused[0]
+            raise InputError(
+                field, str(path), "an http(s) or data: URL; paths on the server are not accepted"
+            )
+
+
+DOWNLOADS = Downloads(DOWNLOAD_RECORD_S)
+take_downloads = DOWNLOADS.take
 
 
 def _recording(convert: Callable[[cog.types.URLPath], Path]) -> Callable[[cog.types.URLPath], Path]:
     def convert_and_record(self: cog.types.URLPath) -> Path:
         path = convert(self)
-        _DOWNLOADED.add(os.fspath(path))
+        DOWNLOADS.record(os.fspath(path))
         return path
 
     convert_and_record.records_downloads = True  # type: ignore[attr-defined]
@@ -330,24 +381,3 @@ def env_amount(name: str, default: float, unit: str) -> float:
     if not 0 <= amount < float("inf"):
         raise LCMError(f"{name}={text!r} is not allowed: use a number of {unit}, 0 or more")
     return amount
-
-
-def take_downloads(files: dict[str, object]) -> None:
-    """Refuse any file input but a file Cog downloaded from an http(s) or data: URL, and only once.
-
-    Cog hands any other string on as a path, which would let a caller read files on the server,
-    another request's upload among them. Each download is taken off the record by the prediction
-    it was made for, so no other prediction (concurrent or later) can name it: every file's record
-    is taken before the first refused one (by its field's name) fails the prediction.
-    """
-    refused = []
-    for field, path in files.items():
-        if path is None:
-            continue
-        try:
-            _DOWNLOADED.remove(os.fspath(path))
-        except KeyError:
-            refused.append((field, path))
-    if refused:
-        field, path = refused[0]
-        raise InputError(field, str(path), "an http(s) or data: URL; paths on the server are not accepted")

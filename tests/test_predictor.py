@@ -245,3 +245,36 @@ def test_a_bad_keep_outputs_setting_fails_setup_naming_it(monkeypatch, name, uni
         LCMError, match=rf"^{name}='{value}' is not allowed: use a number of {unit}, 0 or more$"
     ):
         predict.Predictor().setup()
+
+
+def test_a_download_no_prediction_takes_expires_with_its_file_and_a_recent_one_stays(tmp_path):
+    """A request refused after Cog downloaded one of its inputs (another failed to download, say)
+    never takes its record: once more than DOWNLOAD_RECORD_S old it goes with its file, which Cog
+    leaves on disk then, while a younger record outlives any number of others."""
+    import predict
+    from lcm.errors import InputError
+
+    clock = Clock()
+    downloads = predict.Downloads(keep_s=600, clock=clock)
+
+    def download(name: str) -> str:
+        path = tmp_path / name
+        path.write_bytes(b"an input")
+        downloads.record(str(path))
+        return str(path)
+
+    refused = download("refused.png")
+    clock.now = 300.0
+    waiting = download("waiting.png")  # its request's other input is still downloading
+    clock.now = 600.0
+    downloads.take({"image": download("taken.png")})
+    assert list(downloads.made) == [refused, waiting]  # 600 s old is not yet more than keep_s
+    clock.now = 600.5
+    for i in range(1000):  # other predictions, each taking its own download
+        downloads.take({"image": download(f"{i}.png"), "mask": None})
+    assert list(downloads.made) == [waiting]
+    assert not (tmp_path / "refused.png").exists() and (tmp_path / "waiting.png").exists()
+    downloads.take({"image": waiting})
+    with pytest.raises(InputError, match=f"^mask='{refused}' is not allowed: an http"):
+        downloads.take({"mask": refused})
+    assert not downloads.made
