@@ -29,7 +29,7 @@ OUTPUT_FORMATS = ["png", "webp", "jpg"]
 log = logging.getLogger("lcm")
 # How long a returned file stays on disk when Cog serves several predictions at once (seconds).
 KEEP_OUTPUTS_ENV, KEEP_OUTPUTS_S = "LCM_KEEP_OUTPUTS_S", 300.0
-# ...and how many megabytes (10^6 bytes) of them, at most, that Cog has surely read (ReturnedOutputs).
+# ...and the megabytes (10^6 bytes) of them above which the oldest Cog has surely read go sooner.
 # Cog needs none of them once read; the budget bounds what the time rule keeps. 1000 MB is 40 of the
 # largest predictions (8.4 MP of PNG at compress level 1, about 25 MB), five times what 8 slots can
 # return at once, and a small part of the disk of a machine that holds this image (CUDA, torch and
