@@ -4,12 +4,15 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import contextlib
+import dataclasses
 import logging
 import os
 import shutil
 import tempfile
+import threading
 import time
-from typing import Callable, List, Optional
+from typing import Callable, Iterator, List, Optional
 
 import cog.types
 from cog import BasePredictor, Input, Path
@@ -27,13 +30,69 @@ OUTPUT_FORMATS = ["png", "webp", "jpg"]
 log = logging.getLogger("lcm")
 # How long a returned file stays on disk when Cog serves several predictions at once (seconds).
 KEEP_OUTPUTS_ENV, KEEP_OUTPUTS_S = "LCM_KEEP_OUTPUTS_S", 300.0
-_DOWNLOADED: set[str] = set()  # files Cog downloaded for inputs, until the prediction they are for reads them
+# ...and the megabytes (10^6 bytes) of them above which the oldest Cog has surely read go sooner.
+# Cog needs none of them once read; the budget bounds what the time rule keeps. 1000 MB is 40 of the
+# largest predictions (8.4 MP of PNG at compress level 1, about 25 MB), five times what 8 slots can
+# return at once, and a small part of the disk of a machine that holds this image (CUDA, torch and
+# 2.7 GB of weights), where 300 s at GPU rates (tens of 1 MB PNGs a second) would be gigabytes.
+KEEP_OUTPUTS_MB_ENV, KEEP_OUTPUTS_MB = "LCM_KEEP_OUTPUTS_MB", 1000.0
+# How long a file Cog downloaded for an input stays on record for the prediction it is for (seconds).
+# Cog downloads a request's inputs at once (URLPath.convert, in a thread pool), then hands its
+# predict() to the event loop, whose first step takes them (take_downloads) before any await: a
+# record waits for the request's other downloads and that step. One older than this is from a
+# request that never got there (cancelled first, or another input failed to download: then Cog
+# 0.23.1 leaves this file on disk too), or one whose own downloads took longer, refused then.
+DOWNLOAD_RECORD_S = 600.0
+
+
+class Downloads:
+    """Files Cog downloaded for inputs, each until the prediction it is for takes it, or it expires."""
+
+    def __init__(self, keep_s: float, clock: Callable[[], float] = time.monotonic) -> None:
+        self.keep_s, self.clock = keep_s, clock
+        self.made: collections.OrderedDict[str, float] = collections.OrderedDict()  # path: when
+        self._lock = threading.Lock()  # Cog's download threads record while the event loop takes
+
+    def record(self, path: str) -> None:
+        """Cog has downloaded `path`; records no prediction took within keep_s go, with their files."""
+        with self._lock:
+            now = self.clock()
+            while self.made and now - next(iter(self.made.values())) > self.keep_s:
+                expired, _ = self.made.popitem(last=False)
+                with contextlib.suppress(FileNotFoundError):  # Cog removes those of a cancelled request
+                    os.unlink(expired)
+            self.made.pop(path, None)
+            self.made[path] = now
+
+    def take(self, files: dict[str, object]) -> None:
+        """Refuse any file input but a file Cog downloaded from an http(s) or data: URL, and only once.
+
+        Cog hands any other string on as a path, which would let a caller read files on the server,
+        another request's upload among them. Each download is taken off the record by the prediction
+        it was made for, so no other prediction (concurrent or later) can name it: every file's record
+        is taken before the first refused one (by its field's name) fails the prediction.
+        """
+        with self._lock:
+            refused = [
+                (field, path)
+                for field, path in files.items()
+                if path is not None and self.made.pop(os.fspath(path), None) is None
+            ]
+        if refused:
+            field, path = refused[0]
+            raise InputError(
+                field, str(path), "an http(s) or data: URL; paths on the server are not accepted"
+            )
+
+
+DOWNLOADS = Downloads(DOWNLOAD_RECORD_S)
+take_downloads = DOWNLOADS.take
 
 
 def _recording(convert: Callable[[cog.types.URLPath], Path]) -> Callable[[cog.types.URLPath], Path]:
     def convert_and_record(self: cog.types.URLPath) -> Path:
         path = convert(self)
-        _DOWNLOADED.add(os.fspath(path))
+        DOWNLOADS.record(os.fspath(path))
         return path
 
     convert_and_record.records_downloads = True  # type: ignore[attr-defined]
@@ -47,6 +106,92 @@ if not getattr(cog.types.URLPath.convert, "records_downloads", False):
     cog.types.URLPath.convert = _recording(cog.types.URLPath.convert)
 
 
+@dataclasses.dataclass
+class _Returned:
+    folder: str
+    when: float  # the clock's time at its return
+    size: int  # bytes of its files, summed at its return
+
+
+class ReturnedOutputs:
+    """The folders of returned predictions, removed once Cog is done with them, so disk use stays bounded.
+
+    Cog never deletes returned files, and it reads them after predict() has returned: the worker
+    sends each Path to the server process, whose event loop reads the file when it handles that
+    message and keeps the bytes (a data: URL, or an upload from memory); a file gone by then is
+    logged there ("Failed to read FileOutput") and left out of an answer that still succeeds
+    (coglet's crates/coglet-python/src/predictor.rs and crates/coglet/src/orchestrator.rs; shown
+    for 0.23.1 in tests/test_outputs_on_disk.py).
+    What tells the worker a file has been read: the server gives a slot its next prediction only
+    after handling the last one's Done message, which follows its files on that slot's socket. So a
+    prediction that starts while every other slot runs one (in predict()) proves every earlier
+    returned folder read: were its slot one of those running, that slot's prediction started after
+    it; else it is this one's. With one slot, every start proves it. Nothing else reaches the
+    worker: with a slot free, what it sees is consistent with that slot's last files being unread.
+
+    Rules, applied at each start and each return: with one slot, a start removes every returned
+    folder. With more, a folder goes LCM_KEEP_OUTPUTS_S after its return (read or not: the server
+    reads it as soon as it handles the message), and sooner, oldest first, while the folders' bytes
+    exceed LCM_KEEP_OUTPUTS_MB, if proven read; the one returning now never is. So returned folders
+    hold at most the budget, or if more, what was returned since the last proof; the folders of the
+    predictions running come on top. Used from Cog's event loop thread only, as predict() runs.
+    """
+
+    def __init__(
+        self, slots: int, keep_s: float, keep_bytes: float, clock: Callable[[], float] = time.monotonic
+    ) -> None:
+        self.slots, self.keep_s, self.keep_bytes, self.clock = slots, keep_s, keep_bytes, clock
+        self.folders: collections.deque[_Returned] = collections.deque()  # oldest first
+        self.size = 0  # bytes of self.folders
+        self.read = 0  # how many of the oldest folders Cog has surely read
+        self.running = 0  # predictions in predict()
+
+    @contextlib.contextmanager
+    def predicting(self) -> Iterator[None]:
+        """Around one predict() call: its start may prove earlier folders read."""
+        if self.running == self.slots - 1:
+            self.read = len(self.folders)
+        self.running += 1
+        try:
+            self._remove()
+            yield
+        finally:
+            self.running -= 1
+
+    def returned(self, folder: str, paths: list[os.PathLike]) -> None:
+        """A prediction returns `paths`, all in `folder`: kept until a rule removes it."""
+        size = sum(os.path.getsize(p) for p in paths)
+        self.folders.append(_Returned(folder, self.clock(), size))
+        self.size += size
+        self._remove()
+
+    def _remove(self) -> None:
+        now, early, early_bytes, held = self.clock(), 0, 0, self.size
+        while self.folders:
+            oldest = self.folders[0]
+            if now - oldest.when <= self.keep_s:
+                if not self.read or (self.slots > 1 and self.size <= self.keep_bytes):
+                    break
+                if self.slots > 1:
+                    early, early_bytes = early + 1, early_bytes + oldest.size
+            self.folders.popleft()
+            self.size -= oldest.size
+            self.read = max(self.read - 1, 0)
+            shutil.rmtree(oldest.folder, ignore_errors=True)
+        if early:
+            log.info(
+                "removed %d returned output folder(s), %.3g MB, before %s=%g: returned outputs held "
+                "%.3g MB, over %s=%g, and Cog had read them",
+                early,
+                early_bytes / 1e6,
+                KEEP_OUTPUTS_ENV,
+                self.keep_s,
+                held / 1e6,
+                KEEP_OUTPUTS_MB_ENV,
+                self.keep_bytes / 1e6,
+            )
+
+
 class Predictor(BasePredictor):
     def setup(self, weights: Optional[str] = None) -> None:
         """Load the pipeline once from local weights (LCM_WEIGHTS_DIR, else weights/), never the network.
@@ -55,8 +200,11 @@ class Predictor(BasePredictor):
         the training's archive or its .safetensors, downloaded here if a URL, put on the UNet.
         """
         logging.basicConfig(level=logging.INFO, format="%(message)s")
-        self.returned: collections.deque[tuple[str, float]] = collections.deque()  # (folder, when)
-        self.keep_outputs_s = keep_outputs_seconds()
+        self.outputs = ReturnedOutputs(
+            slots=int(os.environ.get("COG_MAX_CONCURRENCY", "1")),
+            keep_s=env_amount(KEEP_OUTPUTS_ENV, KEEP_OUTPUTS_S, "seconds"),
+            keep_bytes=env_amount(KEEP_OUTPUTS_MB_ENV, KEEP_OUTPUTS_MB, "megabytes (10^6 bytes)") * 1e6,
+        )
         lora_path = None
         if weights:
             lora_path = lora.fetch(str(weights), tempfile.mkdtemp(prefix="lcm-lora-"))
@@ -210,66 +358,33 @@ class Predictor(BasePredictor):
         request's cancel flag: the engine drops its rows at the next step.
         """
         inputs = {name: value for name, value in locals().items() if name != "self"}  # by their own names
-        self._remove_sent_outputs()
-        output_dir = tempfile.mkdtemp(prefix="lcm-")
-        job = None
-        try:
+        with self.outputs.predicting():
             take_downloads({"image": image, "mask": mask, "control_image": control_image})
-            # Off the event loop: reading the input images and compel's parse of a long weighted
-            # prompt take up to seconds, during which the other slots' predictions would stall.
+            # Off the event loop: reading the input images, compel's parse of a long weighted prompt
+            # and fetching lora_weights take up to seconds, which would stall the other slots.
             request = await asyncio.to_thread(Request.build, **inputs)
-            job = self.engine.submit(request, output_dir)
-            served = await job.outcome()
-        except BaseException:  # failed or cancelled: leave no partial files behind
-            if job is not None:
-                await job.cancelled()  # the engine has let go of the directory before it goes
-            shutil.rmtree(output_dir, ignore_errors=True)
-            raise
-        self.returned.append((output_dir, time.monotonic()))
+            output_dir = tempfile.mkdtemp(prefix="lcm-")
+            job = None
+            try:
+                job = self.engine.submit(request, output_dir)
+                served = await job.outcome()
+            except BaseException:  # failed or cancelled: leave no partial files behind
+                if job is not None:
+                    await job.cancelled()  # the engine has let go of the directory before it goes
+                shutil.rmtree(output_dir, ignore_errors=True)
+                raise
+            self.outputs.returned(output_dir, served.paths)
         log.info("%s", served.summary)  # here, in this prediction's context, so that Cog files it with it
         return [Path(p) for p in served.paths]
 
-    def _remove_sent_outputs(self) -> None:
-        """Cog never deletes returned files: remove those it has surely sent, so disk use stays bounded.
 
-        With one slot, a new prediction means the last one's answer has gone. With more, another
-        slot's answer may still be on its way (an upload, say): files are kept LCM_KEEP_OUTPUTS_S
-        (default KEEP_OUTPUTS_S) after their prediction returned.
-        """
-        slots = int(os.environ.get("COG_MAX_CONCURRENCY", "1"))
-        now = time.monotonic()
-        while self.returned and (slots <= 1 or now - self.returned[0][1] > self.keep_outputs_s):
-            shutil.rmtree(self.returned.popleft()[0], ignore_errors=True)
-
-
-def keep_outputs_seconds() -> float:
-    """LCM_KEEP_OUTPUTS_S, else KEEP_OUTPUTS_S; a bad value fails setup naming it."""
-    text = os.environ.get(KEEP_OUTPUTS_ENV, "")
+def env_amount(name: str, default: float, unit: str) -> float:
+    """The number in environment variable `name`, else `default`; a bad value fails setup naming it."""
+    text = os.environ.get(name, "")
     try:
-        seconds = float(text) if text else KEEP_OUTPUTS_S
+        amount = float(text) if text else default
     except ValueError:
-        seconds = -1.0
-    if not 0 <= seconds < float("inf"):
-        raise LCMError(f"{KEEP_OUTPUTS_ENV}={text!r} is not allowed: use a number of seconds, 0 or more")
-    return seconds
-
-
-def take_downloads(files: dict[str, object]) -> None:
-    """Refuse any file input but a file Cog downloaded from an http(s) or data: URL, and only once.
-
-    Cog hands any other string on as a path, which would let a caller read files on the server,
-    another request's upload among them. Each download is taken off the record by the prediction
-    it was made for, so no other prediction (concurrent or later) can name it: every file's record
-    is taken before the first refused one (by its field's name) fails the prediction.
-    """
-    refused = []
-    for field, path in files.items():
-        if path is None:
-            continue
-        try:
-            _DOWNLOADED.remove(os.fspath(path))
-        except KeyError:
-            refused.append((field, path))
-    if refused:
-        field, path = refused[0]
-        raise InputError(field, str(path), "an http(s) or data: URL; paths on the server are not accepted")
+        amount = -1.0
+    if not 0 <= amount < float("inf"):
+        raise LCMError(f"{name}={text!r} is not allowed: use a number of {unit}, 0 or more")
+    return amount

@@ -411,7 +411,7 @@ def test_trainings_run_one_at_a_time_and_a_cancelled_one_ends_before_the_next(tm
 
     def inputs(seed: int) -> dict:
         images = tmp_path / f"{seed}.zip"
-        predict._DOWNLOADED.add(str(images))  # as Cog's download of a URL input records it
+        predict.DOWNLOADS.record(str(images))  # as Cog's download of a URL input records it
         values = {spec.name: spec.default for spec in training.TRAIN_INPUTS}
         return {**values, "input_images": images, "caption": CAPTION, "seed": seed}
 
