@@ -229,8 +229,8 @@ class Ours:
         return [stages["unet"] - (marks[-1] - marks[0]), *later]
 
     def close(self) -> None:
-        for folder, _ in self.predictor.returned:
-            shutil.rmtree(folder, ignore_errors=True)
+        for returned in self.predictor.outputs.folders:
+            shutil.rmtree(returned.folder, ignore_errors=True)
         del self.predictor, self.generation
 
 

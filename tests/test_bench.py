@@ -156,3 +156,21 @@ def test_lcf_evidence_reports_each_prompt_before_and_after_training(tiny_checkpo
     last = done.stdout.strip().splitlines()[-1]
     assert re.fullmatch(r"trained_ratio=\d+\.\d+ other_ratio=\d+\.\d+", last), last
     assert last in results.read_text() and "python -m bench.lcf_evidence" in results.read_text()
+
+
+def test_lora_switch_times_switches_against_the_requests_they_serve(tiny_checkpoint, tmp_path):
+    results = tmp_path / "RESULTS.md"
+    command = [sys.executable, "-m", "bench.lora_switch", "--weights", str(tiny_checkpoint), "--size", "256"]
+    command += ["--steps", "1", "--rank", "4", "--runs", "2", "--record", str(results)]
+    done = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    rows = {
+        line.split(" | ")[0].strip("| "): line for line in done.stdout.splitlines() if line.startswith("| ")
+    }
+    assert {"2 alternating: each switches", "2 repeating the last: none switches"} <= set(rows), done.stdout
+    staying = rows["2 repeating the last: none switches"].split(" | ")
+    assert float(staying[1]) < float(
+        rows["2 alternating: each switches"].split(" | ")[1]
+    )  # no switch: no work
+    assert re.search(r"^`lora_switch_share_of_request=0\.\d+`$", done.stdout, re.M)
+    assert "then cached" in done.stdout and "python -m bench.lora_switch" in results.read_text()

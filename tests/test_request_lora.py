@@ -285,3 +285,35 @@ def test_a_request_lora_in_bf16_equals_diffusers_in_bf16(tiny_checkpoint, files)
         tiny_checkpoint, files.folder / "kohya.safetensors", SCALE, BF16, channels_last
     )
     assert int(np.abs(ours - run(pipe)).max()) <= BOUND
+
+
+def test_a_trainings_tar_by_url_is_its_lora(engine, files, tiny_checkpoint, lora_weights):
+    """A Replicate training's output, as `cog train` writes it, works as lora_weights."""
+    (files.folder / "training.tar").write_bytes(lora_weights.read_bytes())
+    request = Request.build("a cat", lora_weights=files.url("training.tar"), lora_scale=SCALE, **SMALL)
+    assert request.lora.path.name.endswith(".safetensors")
+    ours = engine.generate(request).pixels.astype(np.int16)
+    assert int(np.abs(ours - reference(tiny_checkpoint, request.lora.path)).max()) <= 1
+
+
+def test_with_trained_weights_the_trained_lora_stays_at_one_and_lora_scale_is_the_requests(
+    tiny_checkpoint, files, lora_weights, tmp_path
+):
+    from lcm import lora
+
+    trained = lora.fetch(str(lora_weights), tmp_path)
+    engine = Engine.load(tiny_checkpoint, device="cpu", lora_path=trained)
+    try:
+        ours = pixels(engine, lora_weights=files.url("peft.safetensors"), lora_scale=SCALE)
+        summary = engine.summary(
+            engine.generate(Request.build("a cat", lora_weights=files.url("peft.safetensors"), **SMALL))
+        )
+        alone = pixels(engine)
+    finally:
+        engine.close()
+    pipe = loras.reference_pipeline(tiny_checkpoint, files.folder / "peft.safetensors", SCALE)
+    pipe.load_lora_weights(str(trained), adapter_name="trained")
+    pipe.set_adapters(["trained", loras.ADAPTER], adapter_weights=[1.0, SCALE])
+    assert int(np.abs(ours - run(pipe)).max()) <= 1
+    assert int(np.abs(ours - alone).max()) > 10
+    assert " lora=" in summary and "x1.00 lora_weights=" in summary
