@@ -49,7 +49,8 @@ def openapi_schema(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="session")
 def server(tiny_checkpoint: Path, openapi_schema: Path):
-    srv = CogServer(tiny_checkpoint, openapi_schema)
+    # lora_weights' tests serve their LoRAs from 127.0.0.1, which only this lets a request name.
+    srv = CogServer(tiny_checkpoint, openapi_schema, env={"LCM_ALLOW_PRIVATE_URLS": "1"})
     try:
         srv.wait_until({"READY"})
         yield srv

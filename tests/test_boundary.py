@@ -9,12 +9,16 @@ the completeness test.
 from __future__ import annotations
 
 import base64
+import functools
 import hashlib
 import inspect
 import io
 import subprocess
 import sys
+import tempfile
+import threading
 from dataclasses import dataclass, field
+from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any, Callable, Optional
 
@@ -25,6 +29,7 @@ from PIL import Image
 from cogserver import ROOT
 from lcm.metadata import read_metadata
 from lcm.params import SPECS
+from lcm.synthetic_loras import peft_lora
 from reference import gradient_png
 
 BASE = {"prompt": "a photo of a cat", "seed": 5, "width": 256, "height": 256, "num_inference_steps": 2}
@@ -56,6 +61,14 @@ MASK_URL = "data:image/png;base64," + base64.b64encode(MASK).decode()
 BLOCKS = _blocks()
 BLOCKS_URL = "data:image/png;base64," + base64.b64encode(BLOCKS).decode()
 CONTROL = {"control_image": BLOCKS_URL}
+# lora_weights' row: a LoRA served from 127.0.0.1 (the session server allows private hosts), written
+# by the row's server fixture, as the URL must be known when the rows are.
+LORA_FILES = Path(tempfile.mkdtemp(prefix="lcm-boundary-loras-"))
+_LORA_HTTP = ThreadingHTTPServer(
+    ("127.0.0.1", 0), functools.partial(SimpleHTTPRequestHandler, directory=str(LORA_FILES))
+)
+threading.Thread(target=_LORA_HTTP.serve_forever, daemon=True).start()
+LORA_URL = f"http://127.0.0.1:{_LORA_HTTP.server_address[1]}/style.safetensors"
 
 
 @dataclass(frozen=True)
@@ -106,6 +119,7 @@ ROWS: dict[str, Row] = {
     # Not in the file: a reproduced file runs the checker, as the default does.
     "disable_safety_checker": Row(True, "flagged=off", pixels="same", recorded=None),
     "fast_decode": Row(True, "decoder=taesd"),
+    "lora_weights": Row(LORA_URL, "lora_weights=", server="server_with_a_lora"),
     "lora_scale": Row(0.5, "x0.50 ", server="lora_server"),
     "control_image": Row(
         BLOCKS_URL, "control=canny", recorded=("control_image_sha256", hashlib.sha256(BLOCKS).hexdigest())
@@ -119,6 +133,13 @@ ROWS: dict[str, Row] = {
     # Adds the edge map as a last file, changes no image, and is not needed to reproduce one.
     "return_control_image": Row(True, "edges=returned", pixels="same", with_=CONTROL, recorded=None),
 }
+
+
+@pytest.fixture
+def server_with_a_lora(server, tiny_checkpoint):
+    """The session server, once lora_weights' LoRA is there to fetch."""
+    peft_lora(tiny_checkpoint, LORA_FILES / "style.safetensors", seed=1)
+    return server
 
 
 @dataclass

@@ -77,6 +77,15 @@ def files(tiny_checkpoint, tmp_path_factory):
         served.httpd.server_close()
 
 
+@pytest.fixture(scope="module")
+def engine(tiny_checkpoint):
+    """An engine of this module's own: the LoRAs it loads wrap the UNet's and text encoder's layers in
+    peft's, which other modules' references (a text encoder cut for clip skip) would not expect."""
+    own = Engine.load(tiny_checkpoint, device="cpu")
+    yield own
+    own.close()
+
+
 @pytest.fixture(autouse=True)
 def private_urls(monkeypatch):
     monkeypatch.setenv("LCM_ALLOW_PRIVATE_URLS", "1")  # the server is on 127.0.0.1
