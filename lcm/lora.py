@@ -162,15 +162,18 @@ def fetch_request_lora(url: str, expected_sha256: Optional[str] = None) -> Reque
     fetched = downloads.download(url, REQUEST_FIELD)
     path = fetched.path
     if tarfile.is_tarfile(path):
-        path = _UNPACKED / f"{fetched.sha256}.safetensors"
-        if not path.is_file():
+        # Named <archive's sha256>-<its LoRA's sha256>: a later request hashes nothing again.
+        unpacked = next(_UNPACKED.glob(f"{fetched.sha256}-*.safetensors"), None)
+        if unpacked is None:
             _UNPACKED.mkdir(parents=True, exist_ok=True)
             scratch = Path(tempfile.mkdtemp(dir=_UNPACKED))
             try:
-                os.replace(safetensors_in(fetched.path, scratch, REQUEST_FIELD, url), path)
+                taken = safetensors_in(fetched.path, scratch, REQUEST_FIELD, url)
+                unpacked = _UNPACKED / f"{fetched.sha256}-{file_sha256(taken)}.safetensors"
+                os.replace(taken, unpacked)
             finally:
                 shutil.rmtree(scratch, ignore_errors=True)
-        digest = file_sha256(path)
+        path, digest = unpacked, unpacked.stem.split("-", 1)[1]
     else:
         safetensors_in(path, fetched.path.parent, REQUEST_FIELD, url)  # checks the header only
         digest = fetched.sha256

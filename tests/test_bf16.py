@@ -42,7 +42,7 @@ from diffusers import (
 )
 from PIL import Image
 from test_controlnet import CASES, edge_map
-from test_engine import max_diff
+from test_engine import TXT2IMG_CASES, max_diff
 from test_inpaint import run_pipeline, to_uint8
 
 from lcm import lora, prompts
@@ -122,15 +122,7 @@ def run_lcm(pipe, req: Request, **kw: Any) -> np.ndarray:
 # --- every mode against diffusers ----------------------------------------------------------------------
 
 
-@pytest.mark.parametrize(
-    "kw",
-    [
-        {},
-        {"num_inference_steps": 1},
-        {"num_inference_steps": 8, "guidance_scale": 2.5},
-        {"num_inference_steps": 3, "lcm_origin_steps": 20, "width": 320, "height": 256},
-    ],
-)
+@pytest.mark.parametrize("kw", TXT2IMG_CASES)
 def test_txt2img_equals_diffusers_in_bf16(bf16, ref, kw):
     req = request(**kw)
     ours = bf16.generate(req).pixels

@@ -16,6 +16,7 @@ import pytest
 import torch
 from PIL import Image
 from safetensors.torch import save_file
+from test_bf16 import BF16, BOUND, run_lcm
 
 from cogserver import CogServer
 from lcm.cli import main as cli_main
@@ -95,19 +96,9 @@ def pixels(engine, prompt: str = "a cat", **kw: Any) -> np.ndarray:
     return engine.generate(Request.build(prompt, **{**SMALL, **kw})).pixels.astype(np.int16)
 
 
-def run(pipe: Any, prompt: str = "a cat") -> np.ndarray:
-    """diffusers' pipeline on SMALL's request, its images as the engine's are: uint8 levels."""
-    out = pipe(
-        prompt,
-        width=SMALL["width"],
-        height=SMALL["height"],
-        num_inference_steps=SMALL["num_inference_steps"],
-        guidance_scale=8.0,
-        original_inference_steps=50,
-        generator=torch.Generator().manual_seed(SMALL["seed"]),
-        output_type="np",
-    ).images
-    return (out * 255).round().astype(np.int16)
+def run(pipe: Any) -> np.ndarray:
+    """diffusers' pipeline on SMALL's request, called as test_bf16 calls it: uint8 levels."""
+    return run_lcm(pipe, Request.build("a cat", **SMALL)).astype(np.int16)
 
 
 def reference(tiny_checkpoint: Path, lora_file: Path) -> np.ndarray:
@@ -281,8 +272,6 @@ def test_switching_between_loaded_loras_reads_no_file(engine, files, monkeypatch
 
 def test_a_request_lora_in_bf16_equals_diffusers_in_bf16(tiny_checkpoint, files):
     """The adapters take the model's dtype, as diffusers' do (bound: tests/test_bf16.py's)."""
-    from test_bf16 import BF16, BOUND
-
     engine = Engine.load(tiny_checkpoint, device="cpu", dtype="bfloat16")
     try:
         ours = pixels(engine, lora_weights=files.url("kohya.safetensors"), lora_scale=SCALE)
