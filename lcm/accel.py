@@ -3,11 +3,13 @@
     LCM_PLANNED_STEP=0      diffusers' scheduler.step instead of the host-planned step (sampler.plan_steps)
     LCM_CHANNELS_LAST=0|1 the UNet and VAE in channels_last memory format (default: on for CPU)
     LCM_FUSE_QKV=1        one fused query/key/value projection in attention (default: off)
+    LCM_FOLD_UPSAMPLE=0|1 the VAE decoder's upsamplers as 2x2 convolutions of their input
+                          (default: on for CPU; lcm/folding.py)
     LCM_COMPILE=1         torch.compile the UNet and VAE decoder in setup (default: off; lcm/compiling.py)
     LCM_COMPILE_SIZES=... with LCM_COMPILE or LCM_RUNTIME=openvino, the request sizes compiled in
                           setup: WxH or WxHxN (N images), comma-separated, at most MAX_COMPILE_SIZES
                           (default 768x768)
-    LCM_RUNTIME=...       torch, or openvino for the UNet and VAE decoder on a CPU (default: openvino
+    LCM_RUNTIME=...       torch, or openvino for the UNet on a CPU (default: openvino
                           on a CPU running bf16 where it is installed, else torch; lcm/openvino_runtime.py)
     LCM_CUDA_GRAPHS=1     with LCM_COMPILE on CUDA, record CUDA graphs (mode "reduce-overhead")
     LCM_VAE_DTYPE=...     float16, bfloat16 or float32 for the VAE (default: see vae_dtype)
@@ -17,9 +19,9 @@
     LCM_HOLD_MEMORY=0     let glibc unmap freed activations and give its heap back (see hold_freed_memory)
 
 A setting is on by default on a device only where a benchmark on that device (bench/RESULTS.md)
-shows it wins: channels_last, holding memory and (running bf16) OpenVINO on CPU; nothing yet on CUDA
-beyond the host-planned step, which is device-agnostic. The tests check every setting against the
-unoptimised path.
+shows it wins: channels_last, folded upsamplers, holding memory and (running bf16) OpenVINO on CPU;
+nothing yet on CUDA beyond the host-planned step, which is device-agnostic. The tests check every
+setting against the unoptimised path.
 """
 
 from __future__ import annotations
@@ -32,7 +34,7 @@ from typing import Any, Optional
 
 import torch
 
-from lcm import allocator
+from lcm import allocator, folding
 from lcm.errors import InputError, LCMError
 from lcm.loading import DTYPES
 from lcm.params import DEFAULT_SIZE, MAX_IMAGES, Request
@@ -97,7 +99,7 @@ def batch_pixels(device: torch.device) -> int:
 
 
 def runtime(device: torch.device, dtype: torch.dtype, compile_on: bool) -> str:
-    """LCM_RUNTIME, else what runs the UNet and the VAE decoder by default (lcm.openvino_runtime).
+    """LCM_RUNTIME, else what runs the UNet by default (lcm.openvino_runtime).
 
     On a CPU running bf16, OpenVINO (CPU_RUNTIME) where the package is installed: 1.78x diffusers'
     bf16 pipeline end to end at 512 px against 1.11x for torch eager, holding less memory than the
@@ -110,7 +112,7 @@ def runtime(device: torch.device, dtype: torch.dtype, compile_on: bool) -> str:
         if device.type != "cpu" or dtype != torch.bfloat16 or compile_on or CPU_RUNTIME == "torch":
             return "torch"
         if not _installed(CPU_RUNTIME):
-            log.info("%s is not installed (requirements-cpu.txt): the UNet and VAE run on torch", CPU_RUNTIME)
+            log.info("%s is not installed (requirements-cpu.txt): the UNet runs on torch", CPU_RUNTIME)
             return "torch"
         return CPU_RUNTIME
     if name not in RUNTIMES:
@@ -165,10 +167,11 @@ class Accel:
     planned_step: bool = True
     channels_last: bool = True
     fuse_qkv: bool = False
+    fold_upsample: bool = True
     compile: bool = False
     compile_sizes: tuple[tuple[int, int, int], ...] = ((DEFAULT_SIZE, DEFAULT_SIZE, 1),)  # (w, h, images)
     cuda_graphs: bool = False
-    runtime: str = "torch"  # what runs the UNet and the VAE decoder: RUNTIMES
+    runtime: str = "torch"  # what runs the UNet: RUNTIMES
     hold_memory: bool = field(default_factory=lambda: allocator.glibc() is not None)
     vae_dtype: Optional[torch.dtype] = None  # None: the pipeline's dtype
     decode_chunk: int = 1  # images per VAE decoder pass (TAESD's fast_decode takes the whole batch)
@@ -195,6 +198,7 @@ class Accel:
             # measured on CPU (bench/RESULTS.md), not yet on CUDA
             channels_last=_flag("LCM_CHANNELS_LAST", not cuda),
             fuse_qkv=_flag("LCM_FUSE_QKV", False),
+            fold_upsample=_flag("LCM_FOLD_UPSAMPLE", not cuda),  # measured on CPU, not yet on CUDA
             compile=compile_on,
             compile_sizes=compile_sizes(),
             cuda_graphs=cuda_graphs,
@@ -209,7 +213,15 @@ class Accel:
         """For the setup log line."""
         on = [
             name
-            for name in ("planned_step", "channels_last", "fuse_qkv", "compile", "cuda_graphs", "hold_memory")
+            for name in (
+                "planned_step",
+                "channels_last",
+                "fuse_qkv",
+                "fold_upsample",
+                "compile",
+                "cuda_graphs",
+                "hold_memory",
+            )
             if getattr(self, name)
         ]
         vae = str(self.vae_dtype).removeprefix("torch.") if self.vae_dtype else "same"
@@ -258,3 +270,5 @@ def apply(pipe: Any, taesd: Any, accel: Accel) -> None:
         for module in (pipe.unet, pipe.vae, taesd):
             if module is not None:
                 module.to(memory_format=torch.channels_last)
+    if accel.fold_upsample:  # last: folded from the weights in their final dtype and layout
+        folding.fold_upsamplers(pipe.vae.decoder)

@@ -120,8 +120,8 @@ def load(
 ) -> Model:
     """Load from a local weights directory (default: LCM_WEIGHTS_DIR, else weights/) in the chosen
     dtype, with the trained LoRA at `lora_path` on the UNet, the speed settings applied and, with
-    LCM_COMPILE or LCM_RUNTIME=openvino, the UNet and decoder wrapped (compiling happens on first
-    use: lcm.engine warms them up). Run it on the engine thread.
+    LCM_COMPILE, the UNet and decoder wrapped (with LCM_RUNTIME=openvino, the UNet); compiling
+    happens on first use: lcm.engine warms them up. Run it on the engine thread.
     """
     start = time.perf_counter()
     resolved = weights_dir(path)
@@ -158,9 +158,7 @@ def load(
     elif settings.runtime == "openvino":
         from lcm import openvino_runtime  # an optional dependency (requirements-cpu.txt)
 
-        model.compiled = openvino_runtime.run_modules(
-            pipe, resolved, settings.compile_sizes, settings.decode_chunk
-        )
+        model.compiled = openvino_runtime.run_modules(pipe, resolved, settings.compile_sizes)
     log.info(
         "loaded %s on %s (%s: %s; %s) in %.1fs",
         resolved,

@@ -1,17 +1,18 @@
-"""OpenVINO for the UNet forward and the VAE decoder on a CPU (LCM_RUNTIME=openvino).
+"""OpenVINO for the UNet forward on a CPU (LCM_RUNTIME=openvino); the VAE decoder stays on torch.
 
 Why: on a 2-core AMD EPYC with AVX512-BF16 (no AMX), a full-size UNet step at 256 px took 256 ms
 in OpenVINO bf16 against 561 ms in torch bf16 eager and 315 ms torch.compiled (after 73 s of
-compiling); a 512 px decode 2880 ms against 3507 ms (docs/configuration.md, "OpenVINO").
+compiling). The decoder is the other way round: one 512 px decode took 2975 ms in OpenVINO bf16
+against 2827 ms in torch bf16 eager, 6782 against 6713 at 768 px, and torch's with folded
+upsamplers (lcm.folding) 2570 at 512 (bench/RESULTS.md, "Folded upsamplers"), so it is not converted.
 
 Shapes: static, one compiled model per size declared in setup (LCM_COMPILE_SIZES, as for
 torch.compile). On the full checkpoint (bf16, one image, best of 3) a UNet step took 245 ms at
 256 px and 1114 ms at 512 px with dynamic batch, height and width, against 231 and 1000 ms static:
-6% and 11% slower (the decoder: 679 and 2826 ms dynamic, 676 and 2798 static). Each compiled size
-holds its own copy of the weights in the CPU plugin's layout (about 1.9 GB for the bf16 UNet). The
-model is converted once, traced at an odd latent size so that diffusers' UNet takes its general
-upsampling path (each upsampler's output size read from its skip connection), and reshaped to each
-size at load: one saved model serves every size.
+6% and 11% slower. Each compiled size holds its own copy of the weights in the CPU plugin's layout
+(about 1.9 GB for the bf16 UNet). The model is converted once, traced at an odd latent size so
+that diffusers' UNet takes its general upsampling path (each upsampler's output size read from its
+skip connection), and reshaped to each size at load: one saved model serves every size.
 
 A call it was not built for runs the torch module eagerly and counts in `eager_calls`, with the
 same protocol as lcm.compiling.CompiledForShapes: another size or image count, a prompt of more
@@ -47,7 +48,6 @@ import diffusers
 import numpy as np
 import openvino as ov
 import torch
-from diffusers.models.autoencoders.vae import DecoderOutput
 from diffusers.models.unets.unet_2d_condition import UNet2DConditionOutput
 
 from lcm.errors import LCMError
@@ -83,13 +83,6 @@ UNET = _Part(
     ("sample", "timestep", "encoder_hidden_states", "timestep_cond"),
     lambda sample: UNet2DConditionOutput(sample=sample),
     ("unet/config.json", WEIGHT_FILES["unet"]),
-)
-VAE = _Part(
-    "vae",
-    "decode",
-    ("z",),
-    lambda sample: DecoderOutput(sample=sample),
-    ("vae/config.json", WEIGHT_FILES["vae"]),
 )
 
 
@@ -170,44 +163,35 @@ def _array(tensor: torch.Tensor) -> np.ndarray:
 
 
 def run_modules(
-    pipe: Any, weights_dir: Path, sizes: tuple[tuple[int, int, int], ...], decode_chunk: int
+    pipe: Any, weights_dir: Path, sizes: tuple[tuple[int, int, int], ...]
 ) -> list[OpenVINOForShapes]:
-    """Stand OpenVINO in for the UNet forward and the VAE decoder at `sizes` (width, height, images).
+    """Stand OpenVINO in for the UNet forward at `sizes` (width, height, images).
 
-    Converts or loads each model, compiles it for every shape those requests give it (the decoder
-    takes `decode_chunk` images a pass), and puts the wrappers in place as instance attributes.
+    Converts or loads the model, compiles it for every shape those requests give it, and puts the
+    wrapper in place as an instance attribute.
     """
-    core = ov.Core()
-    unet, vae = pipe.unet, pipe.vae
-    factor = 2 ** (len(vae.config.block_out_channels) - 1)
+    unet = pipe.unet
+    factor = 2 ** (len(pipe.vae.config.block_out_channels) - 1)
     tokens = pipe.tokenizer.model_max_length  # one prompt window
-    unet_shapes, vae_shapes = [], []
-    for width, height, images_ in sizes:
-        latent = (height // factor, width // factor)
-        unet_shapes.append(
-            (
-                (images_, unet.config.in_channels, *latent),
-                (),
-                (images_, tokens, unet.config.cross_attention_dim),
-                (images_, unet.config.time_cond_proj_dim),
-            )
+    shapes = [
+        (
+            (images, unet.config.in_channels, height // factor, width // factor),
+            (),
+            (images, tokens, unet.config.cross_attention_dim),
+            (images, unet.config.time_cond_proj_dim),
         )
-        for batch in {min(images_, decode_chunk), images_ % decode_chunk} - {0}:
-            vae_shapes.append(((batch, vae.config.latent_channels, *latent),))
-    trace_unet = (
+        for width, height, images in sizes
+    ]
+    trace = (
         torch.randn(1, unet.config.in_channels, TRACE_LATENT, TRACE_LATENT, dtype=unet.dtype),
         torch.tensor(999),
         torch.randn(1, tokens, unet.config.cross_attention_dim, dtype=unet.dtype),
         torch.randn(1, unet.config.time_cond_proj_dim, dtype=unet.dtype),
     )
-    trace_vae = (torch.randn(1, vae.config.latent_channels, TRACE_LATENT, TRACE_LATENT, dtype=vae.dtype),)
-    wrappers = [
-        _prepare(core, UNET, unet, weights_dir, trace_unet, unet_shapes),
-        _prepare(core, VAE, vae, weights_dir, trace_vae, vae_shapes),
-    ]
-    # Instance attributes shadow the methods; nn.Module.__call__ (and its hooks) still runs.
-    unet.forward, vae.decode = wrappers
-    return wrappers
+    wrapper = _prepare(ov.Core(), UNET, unet, weights_dir, trace, shapes)
+    # An instance attribute shadows the method; nn.Module.__call__ (and its hooks) still runs.
+    unet.forward = wrapper
+    return [wrapper]
 
 
 def _prepare(

@@ -15,7 +15,7 @@ from diffusers import LCMScheduler
 from diffusers.models.attention_processor import Attention, FusedAttnProcessor2_0
 from PIL import Image
 
-from lcm import accel, allocator, sampler, starts
+from lcm import accel, allocator, folding, sampler, starts
 from lcm.engine import Engine
 from lcm.errors import LCMError
 from lcm.loading import default_dtype, pick_device
@@ -26,6 +26,7 @@ OFF = {
     "LCM_PLANNED_STEP": "0",
     "LCM_CHANNELS_LAST": "0",
     "LCM_FUSE_QKV": "0",
+    "LCM_FOLD_UPSAMPLE": "0",
     "LCM_COMPILE": "0",
     "LCM_CUDA_GRAPHS": "0",
     "LCM_HOLD_MEMORY": "0",
@@ -58,7 +59,9 @@ def baseline(tiny_checkpoint):
         for name, value in OFF.items():
             mp.setenv(name, value)
         engine = Engine.load(tiny_checkpoint, device="cpu")
-    assert engine.model.accel == accel.Accel(planned_step=False, channels_last=False, hold_memory=False)
+    assert engine.model.accel == accel.Accel(
+        planned_step=False, channels_last=False, fold_upsample=False, hold_memory=False
+    )
     return engine
 
 
@@ -142,6 +145,27 @@ def test_channels_last_keeps_outputs_and_is_set(baseline, tiny_checkpoint, monke
     engine = load_with(tiny_checkpoint, monkeypatch, LCM_CHANNELS_LAST="1")
     assert all(channels_last_weights(engine)) and not any(channels_last_weights(baseline))
     assert max_diff(engine.generate(request()).pixels, baseline.generate(request()).pixels) <= 1
+
+
+def test_folded_upsamplers_keep_outputs_and_run_folded(baseline, tiny_checkpoint, monkeypatch, gradient):
+    """Each of the decoder's upsamplers runs folded, and only the decoder's: the UNet's keep
+    diffusers' (a request's LoRA may patch their convolutions); in fp32 within 1/255 of the baseline."""
+    engine = load_with(tiny_checkpoint, monkeypatch, LCM_FOLD_UPSAMPLE="1")
+    pipe = engine.model.pipe
+    ran: Counter = Counter()
+    folded = [m for m in pipe.vae.decoder.modules() if isinstance(m, folding.FoldedUpsample)]
+    handles = [m.register_forward_hook(lambda *_: ran.update(["folded"])) for m in folded]
+    try:
+        for req in (request(), request(image=gradient, num_inference_steps=2)):
+            assert max_diff(engine.generate(req).pixels, baseline.generate(req).pixels) <= 1
+    finally:
+        for handle in handles:
+            handle.remove()
+    upsamplers = sum(bool(block.upsamplers) for block in pipe.vae.decoder.up_blocks)
+    assert len(folded) == upsamplers > 0
+    assert ran["folded"] == 2 * 2 * upsamplers  # two requests of two images, decoded one at a time
+    assert not any(isinstance(m, folding.FoldedUpsample) for m in pipe.unet.modules())
+    assert "fold_upsample" in engine.model.accel.describe()
 
 
 PROJECTIONS = ("to_q", "to_k", "to_v", "to_qkv", "to_kv")
@@ -249,7 +273,8 @@ def test_cpu_defaults(monkeypatch):
         monkeypatch.delenv(name, raising=False)
     cpu = accel.Accel.from_env(torch.device("cpu"), torch.float32, SimpleNamespace(force_upcast=True))
     assert cpu == accel.Accel()  # an Engine made without settings runs what Engine.load runs
-    assert cpu.planned_step and cpu.channels_last and not (cpu.compile or cpu.cuda_graphs or cpu.fuse_qkv)
+    assert cpu.planned_step and cpu.channels_last and cpu.fold_upsample
+    assert not (cpu.compile or cpu.cuda_graphs or cpu.fuse_qkv)
     assert cpu.hold_memory == (allocator.glibc() is not None)
     assert cpu.vae_dtype is None
     assert (
@@ -298,6 +323,7 @@ def test_cuda_defaults_are_the_unmeasured_safe_ones(monkeypatch, capability, vae
         planned_step=True,
         channels_last=False,
         fuse_qkv=False,
+        fold_upsample=False,
         compile=False,
         cuda_graphs=False,
         hold_memory=False,
