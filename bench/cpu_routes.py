@@ -2,9 +2,11 @@
 
     python -m bench.cpu_routes WEIGHTS --size N [--routes torch-fp32,...] [--runs R] [--record [FILE]]
 
-Routes: torch eager in fp32 and in bf16 (channels_last, as lcm/accel.py sets it on CPU), torch.compile
-of the bf16 modules with inductor's freezing, and OpenVINO at f32 and bf16 inference precision (an
-optional package: its routes say "not installed" without it). Every route gets the same inputs, as
+Routes: torch eager in fp32 and in bf16 (channels_last, as lcm/accel.py sets it on CPU), each also
+with its upsamplers folded (lcm/folding.py; the engine folds the decoder's only, so the UNet's
+folded rows are for information), torch.compile of the bf16 modules with inductor's freezing, and
+OpenVINO at f32 and bf16 inference precision (an optional package: its routes say "not installed"
+without it). Every route gets the same inputs, as
 the sampler and the decoder pass them, in one process; each route's model is loaded fresh and freed
 before the next. Per route and model: median ms over --runs after one warm-up, the speedup over
 torch-fp32, and the largest absolute difference of its output from torch-fp32's and torch-bf16's.
@@ -35,6 +37,7 @@ from diffusers import AutoencoderKL, UNet2DConditionModel  # noqa: E402
 
 from bench import report  # noqa: E402
 from bench.memory import release  # noqa: E402
+from lcm import folding  # noqa: E402
 from lcm.params import SPECS  # noqa: E402
 from lcm.sampler import guidance_embedding  # noqa: E402
 
@@ -120,9 +123,14 @@ def _cast(inputs: tuple[torch.Tensor, ...], dtype: torch.dtype) -> tuple[torch.T
     return tuple(x.to(dtype) if x.is_floating_point() else x for x in inputs)
 
 
-def _eager(dtype: torch.dtype) -> Callable[[torch.nn.Module, tuple[torch.Tensor, ...]], Prepared]:
+def _eager(
+    dtype: torch.dtype, folded: bool = False
+) -> Callable[[torch.nn.Module, tuple[torch.Tensor, ...]], Prepared]:
     def prepare(module: torch.nn.Module, inputs: tuple[torch.Tensor, ...]) -> Prepared:
         module.to(dtype=dtype, memory_format=torch.channels_last)
+        if folded:  # the UNet and the VAE's decoder are the modules with up blocks
+            for part in [m for m in module.modules() if hasattr(m, "up_blocks")]:
+                folding.fold_upsamplers(part)
         cast = _cast(inputs, dtype)
         return Prepared(lambda: module(*cast))
 
@@ -164,7 +172,9 @@ def _openvino(precision: str) -> Callable[[torch.nn.Module, tuple[torch.Tensor, 
 
 ROUTES: dict[str, Callable[[torch.nn.Module, tuple[torch.Tensor, ...]], Prepared]] = {
     FP32: _eager(torch.float32),
+    "torch-fp32-folded": _eager(torch.float32, folded=True),
     BF16: _eager(torch.bfloat16),
+    "torch-bf16-folded": _eager(torch.bfloat16, folded=True),
     "compile-bf16": _compiled,
     "openvino-f32": _openvino("f32"),
     "openvino-bf16": _openvino("bf16"),

@@ -53,7 +53,7 @@ def test_cpu_routes_times_each_route_against_the_eager_ones(tiny_checkpoint, tmp
     """OpenVINO is installed by make: a missing one fails here rather than reading "not installed"."""
     results = tmp_path / "RESULTS.md"
     command = [sys.executable, "-m", "bench.cpu_routes", str(tiny_checkpoint), "--size", "64", "--runs", "1"]
-    command += ["--routes", "torch-fp32,torch-bf16,openvino-bf16", "--record", str(results)]
+    command += ["--routes", "torch-fp32,torch-fp32-folded,torch-bf16,openvino-bf16", "--record", str(results)]
     done = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]
     out = done.stdout
@@ -63,13 +63,14 @@ def test_cpu_routes_times_each_route_against_the_eager_ones(tiny_checkpoint, tmp
     assert sorted(rows) == [
         (model, route)
         for model in ("UNet step", "VAE decode")
-        for route in ("openvino-bf16", "torch-bf16", "torch-fp32")
+        for route in ("openvino-bf16", "torch-bf16", "torch-fp32", "torch-fp32-folded")
     ], out
     for (model, route), (setup, *figures) in rows.items():
         assert [float(f) for f in figures] and float(figures[0]) > 0, (model, route, out)
         assert setup.startswith("convert ") if route.startswith("openvino") else setup == "–", out
     for model in ("UNet step", "VAE decode"):
         assert rows[model, "torch-fp32"][2:4] == ["1.00", "0"] and rows[model, "torch-bf16"][-1] == "0", out
+        assert float(rows[model, "torch-fp32-folded"][3]) < 1e-4, out  # folding is exact but for rounding
     assert re.search(r"^device: cpu — .*; bf16: ", out, re.M) and "openvino 20" in out
     assert "python -m bench.cpu_routes" in results.read_text()
 
