@@ -6,12 +6,12 @@ columns, and which of the 9 weights fall on the same pixel, depend only on the o
 and column parity. Summing those weights once in setup gives four 2x2 kernels, one per phase, run
 as one convolution with four times the output channels over the input, whose phases are then
 interleaved: 16 multiply-adds per input pixel and channel pair where the upsampled convolution
-does 36. The SD VAE decoder's three upsampler convolutions are 28% of its FLOPs at every size
+does 36. The SD VAE decoder's three upsampler convolutions are about 28% of its FLOPs
 (2.48 TFLOP at 512 px, torch.utils.flop_counter). Measured on the full-size synthetic VAE, one
-decode at 512 px on a 2-core AMD EPYC with AVX512-BF16: 2760 -> 2570 ms in bf16, 7120 -> 6426 ms
+decode at 512 px on a 2-core AMD EPYC with AVX512-BF16: 3338 -> 2702 ms in bf16, 5936 -> 5276 ms
 in fp32 (bench/RESULTS.md, "Folded upsamplers").
 
-Exact in real arithmetic: in float32 the decoder's output stays within 1.4e-5 of diffusers'. In
+Exact in real arithmetic: in float32 the decoder's output stays within 1.5e-5 of diffusers'. In
 bf16 the summed weights are rounded to bf16 once (they are summed in float32), a rounding of the
 same size as the weights' own. The UNet keeps diffusers' upsamplers: a request's LoRA may patch
 their convolutions, which folded kernels would not see.

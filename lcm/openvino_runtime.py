@@ -2,9 +2,9 @@
 
 Why: on a 2-core AMD EPYC with AVX512-BF16 (no AMX), a full-size UNet step at 256 px took 256 ms
 in OpenVINO bf16 against 561 ms in torch bf16 eager and 315 ms torch.compiled (after 73 s of
-compiling). The decoder is the other way round: one 512 px decode took 2975 ms in OpenVINO bf16
-against 2827 ms in torch bf16 eager, 6782 against 6713 at 768 px, and torch's with folded
-upsamplers (lcm.folding) 2570 at 512 (bench/RESULTS.md, "Folded upsamplers"), so it is not converted.
+compiling). The decoder is not converted: torch's, with folded upsamplers (lcm.folding), decoded
+512 px in 2702 ms against OpenVINO bf16's 3002, and the vae stage of a request took 2.47 s against
+2.86 (bench/RESULTS.md, "Folded upsamplers").
 
 Shapes: static, one compiled model per size declared in setup (LCM_COMPILE_SIZES, as for
 torch.compile). On the full checkpoint (bf16, one image, best of 3) a UNet step took 245 ms at
