@@ -129,6 +129,12 @@ def runtime(device: torch.device, dtype: torch.dtype, compile_on: bool) -> str:
     return name
 
 
+def declares_sizes(device: torch.device, dtype: torch.dtype) -> bool:
+    """Whether setup compiles or converts for LCM_COMPILE_SIZES: LCM_COMPILE=1, or OpenVINO as the runtime."""
+    compile_on = _flag("LCM_COMPILE", False)
+    return compile_on or runtime(device, dtype, compile_on) != "torch"
+
+
 def _installed(package: str) -> bool:
     """Whether the package can be imported, found without importing it (lcm.model imports it)."""
     try:

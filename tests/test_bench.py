@@ -175,3 +175,18 @@ def test_lora_switch_times_switches_against_the_requests_they_serve(tiny_checkpo
     )  # no switch: no work
     assert re.search(r"^`lora_switch_share_of_request=0\.\d+`$", done.stdout, re.M)
     assert "then cached" in done.stdout and "python -m bench.lora_switch" in results.read_text()
+
+
+def test_bench_declares_the_size_it_times_where_setup_converts_for_sizes(tiny_checkpoint):
+    """With OpenVINO as the runtime and LCM_COMPILE_SIZES unset, ours is set up for the benchmarked
+    size rather than the 768x768 default, whose other sizes would run the torch UNet."""
+    env = {k: v for k, v in os.environ.items() if k != "LCM_COMPILE_SIZES"}
+    command = [sys.executable, "-m", "bench", "--device", "cpu", "--size", "256", "--steps", "2"]
+    command += ["--runs", "1", "--warmup", "0", "--weights", str(tiny_checkpoint)]
+    done = subprocess.run(
+        command, cwd=ROOT, capture_output=True, text=True, timeout=300, env={**env, "LCM_RUNTIME": "openvino"}
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "runtime=openvino compile_sizes=256x256x1" in done.stdout, done.stdout
+    assert "LCM_COMPILE_SIZES unset: ours declares the size benchmarked, 256x256x1" in done.stderr
+    assert "graphs=compiled" in done.stderr, done.stderr[-3000:]
