@@ -11,6 +11,8 @@
                           (default 768x768)
     LCM_RUNTIME=...       torch, or openvino for the UNet on a CPU (default: openvino
                           on a CPU running bf16 where it is installed, else torch; lcm/openvino_runtime.py)
+    LCM_OPENVINO_SNIPPETS=auto|on|off  with LCM_RUNTIME=openvino, attention fused into OpenVINO's
+                          Snippets kernels or not; auto (default) times both per compiled shape
     LCM_CUDA_GRAPHS=1     with LCM_COMPILE on CUDA, record CUDA graphs (mode "reduce-overhead")
     LCM_VAE_DTYPE=...     float16, bfloat16 or float32 for the VAE (default: see vae_dtype)
     LCM_DECODE_CHUNK=N    images per VAE decoder pass, 1 to MAX_IMAGES (default: 8 on CUDA, 1 on CPU)
@@ -50,6 +52,8 @@ MAX_COMPILE_SIZES = 4  # each costs a compilation in setup (minutes on a CPU, te
 RUNTIME_ENV = "LCM_RUNTIME"
 RUNTIMES = ("torch", "openvino")
 CPU_RUNTIME = "openvino"  # LCM_RUNTIME's default on a CPU running bf16 (see runtime; CUDA: torch only)
+SNIPPETS_ENV = "LCM_OPENVINO_SNIPPETS"
+SNIPPETS_CHOICES = ("auto", "on", "off")  # auto, and lcm.openvino_runtime.SNIPPETS' modes
 
 
 def _flag(name: str, default: bool) -> bool:
@@ -178,6 +182,7 @@ class Accel:
     compile_sizes: tuple[tuple[int, int, int], ...] = ((DEFAULT_SIZE, DEFAULT_SIZE, 1),)  # (w, h, images)
     cuda_graphs: bool = False
     runtime: str = "torch"  # what runs the UNet: RUNTIMES
+    openvino_snippets: str = "auto"  # with runtime openvino: SNIPPETS_CHOICES
     hold_memory: bool = field(default_factory=lambda: allocator.glibc() is not None)
     vae_dtype: Optional[torch.dtype] = None  # None: the pipeline's dtype
     decode_chunk: int = 1  # images per VAE decoder pass (TAESD's fast_decode takes the whole batch)
@@ -195,6 +200,11 @@ class Accel:
                 f"{RUNTIME_ENV}={runs!r} is not allowed with LCM_COMPILE=1: one runtime at a time, "
                 f"unset LCM_COMPILE or {RUNTIME_ENV}"
             )
+        snippets = os.environ.get(SNIPPETS_ENV) or "auto"
+        if snippets not in SNIPPETS_CHOICES:
+            raise LCMError(f"{SNIPPETS_ENV}={snippets!r} is not allowed: use {', '.join(SNIPPETS_CHOICES)}")
+        if os.environ.get(SNIPPETS_ENV) and runs != "openvino":
+            raise LCMError(f"{SNIPPETS_ENV} needs {RUNTIME_ENV}=openvino; set it or unset {SNIPPETS_ENV}")
         if os.environ.get(COMPILE_SIZES_ENV) and not compile_on and runs == "torch":
             raise LCMError(
                 f"{COMPILE_SIZES_ENV} needs LCM_COMPILE=1 or {RUNTIME_ENV}=openvino; set one or unset it"
@@ -209,6 +219,7 @@ class Accel:
             compile_sizes=compile_sizes(),
             cuda_graphs=cuda_graphs,
             runtime=runs,
+            openvino_snippets=snippets,
             hold_memory=holds_memory(device),
             vae_dtype=vae_dtype(device, dtype, vae_config),
             decode_chunk=decode_chunk(device),
@@ -236,6 +247,8 @@ class Accel:
         if self.compile or self.runtime != "torch":
             sizes = ",".join(f"{w}x{h}x{n}" for w, h, n in self.compile_sizes)
             described += f" compile_sizes={sizes}"
+        if self.runtime == "openvino":
+            described += f" snippets={self.openvino_snippets}"
         return described
 
 

@@ -158,7 +158,9 @@ def load(
     elif settings.runtime == "openvino":
         from lcm import openvino_runtime  # an optional dependency (requirements-cpu.txt)
 
-        model.compiled = openvino_runtime.run_modules(pipe, resolved, settings.compile_sizes)
+        model.compiled = openvino_runtime.run_modules(
+            pipe, resolved, settings.compile_sizes, settings.openvino_snippets
+        )
     log.info(
         "loaded %s on %s (%s: %s; %s) in %.1fs",
         resolved,

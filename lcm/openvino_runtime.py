@@ -14,6 +14,16 @@ torch.compile). On the full checkpoint (bf16, one image, best of 3) a UNet step 
 that diffusers' UNet takes its general upsampling path (each upsampler's output size read from its
 skip connection), and reshaped to each size at load: one saved model serves every size.
 
+Attention (LCM_OPENVINO_SNIPPETS, lcm.accel): the CPU plugin fuses each attention into a Snippets
+kernel by default. On the 2-core EPYC a UNet step with it took 1050-1100 ms at 512 px, against
+1190 ms with attention compiled as separate MatMul and Softmax nodes; at 768 px it took 4137 ms
+against 3294 (the five 9216-token self-attentions were 59% of the fused step), and at 640 px 2139
+against 2012, the unfused one holding 1.2 GB more at 768 px for its materialized scores. "auto"
+(the default) times a pass of each per compiled shape in the first setup (after an untimed one:
+the unfused model's first pass at 768 px took 6.3 s, faulting in its buffers), keeps the faster and
+records the choice beside the saved model, keyed by the CPU's name and the shape, so that later
+setups skip the timing (the first setup at 768 px takes about 20 s longer).
+
 A call it was not built for runs the torch module eagerly and counts in `eager_calls`, with the
 same protocol as lcm.compiling.CompiledForShapes: another size or image count, a prompt of more
 than one token window, the ControlNet's residuals, FreeU (the engine sets `eager_only`), any other
@@ -50,6 +60,7 @@ import openvino as ov
 import torch
 from diffusers.models.unets.unet_2d_condition import UNet2DConditionOutput
 
+from lcm.accel import SNIPPETS_ENV
 from lcm.errors import LCMError
 from lcm.weights import WEIGHT_FILES, file_identity
 
@@ -64,6 +75,11 @@ TRACE_LATENT = 9  # odd, so the traced UNet takes diffusers' general upsampling 
 PRECISIONS = {torch.bfloat16: "bf16", torch.float32: "f32"}  # INFERENCE_PRECISION_HINT per dtype
 
 Shape = tuple[tuple[int, ...], ...]  # each input's shape, in the order the converted model takes them
+# OpenVINO's CPU plugin fuses attention into Snippets kernels by default ("on"); "off" compiles it
+# as separate MatMul and Softmax nodes (SNIPPETS_MODE=DISABLE). Which is faster depends on the
+# sequence length and the CPU (the docstring), so "auto" times one pass of each per shape.
+SNIPPETS = {"on": {}, "off": {"SNIPPETS_MODE": "DISABLE"}}  # lcm.accel.SNIPPETS_CHOICES, less auto
+CHOICES_FILE = "snippets.json"  # beside the saved model: "auto"'s choice per CPU and shape
 
 
 @dataclass(frozen=True)
@@ -163,12 +179,13 @@ def _array(tensor: torch.Tensor) -> np.ndarray:
 
 
 def run_modules(
-    pipe: Any, weights_dir: Path, sizes: tuple[tuple[int, int, int], ...]
+    pipe: Any, weights_dir: Path, sizes: tuple[tuple[int, int, int], ...], snippets: str
 ) -> list[OpenVINOForShapes]:
     """Stand OpenVINO in for the UNet forward at `sizes` (width, height, images).
 
-    Converts or loads the model, compiles it for every shape those requests give it, and puts the
-    wrapper in place as an instance attribute.
+    Converts or loads the model, compiles it for every shape those requests give it, with attention
+    fused or not as `snippets` says (SNIPPETS, or "auto"), and puts the wrapper in place as an
+    instance attribute.
     """
     unet = pipe.unet
     factor = 2 ** (len(pipe.vae.config.block_out_channels) - 1)
@@ -188,7 +205,7 @@ def run_modules(
         torch.randn(1, tokens, unet.config.cross_attention_dim, dtype=unet.dtype),
         torch.randn(1, unet.config.time_cond_proj_dim, dtype=unet.dtype),
     )
-    wrapper = _prepare(ov.Core(), UNET, unet, weights_dir, trace, shapes)
+    wrapper = _prepare(ov.Core(), UNET, unet, weights_dir, trace, shapes, snippets)
     # An instance attribute shadows the method; nn.Module.__call__ (and its hooks) still runs.
     unet.forward = wrapper
     return [wrapper]
@@ -201,6 +218,7 @@ def _prepare(
     weights_dir: Path,
     example: tuple[torch.Tensor, ...],
     shapes: list[Shape],
+    snippets: str,
 ) -> OpenVINOForShapes:
     if module.dtype not in PRECISIONS:
         raise LCMError(f"OpenVINO runs the {part.name} in bfloat16 or float32, not {module.dtype}")
@@ -225,19 +243,96 @@ def _prepare(
         if found is not None:  # the saved model's weights are mapped from its file, not copied
             model = core.read_model(found / MODEL_FILE)
         converted = time.perf_counter()
+        choices = _Choices(found, core.get_property("CPU", "FULL_DEVICE_NAME"))
+        chosen = []
         for shape in dict.fromkeys(shapes):
             sized = model.clone()
             sized.reshape({sized.inputs[i]: ov.PartialShape(list(dims)) for i, dims in enumerate(shape)})
-            requests[shape] = core.compile_model(sized, "CPU", config).create_infer_request()
+            requests[shape], why = _compile(core, sized, config, shape, snippets, choices)
+            chosen.append(f"{'x'.join(map(str, shape[0]))}: snippets {why}")
+        choices.save()
     log.info(
-        "openvino %s (%s): %s; compiled %d shape(s) in %.1fs",
+        "openvino %s (%s): %s; compiled %d shape(s) in %.1fs (%s)",
         part.name,
         PRECISIONS[module.dtype],
         how,
         len(requests),
         time.perf_counter() - converted,
+        "; ".join(chosen),
     )
     return OpenVINOForShapes(part, getattr(module, part.method), requests)
+
+
+class _Choices:
+    """ "auto"'s choices, read from and written to CHOICES_FILE beside the saved model (when saved)."""
+
+    def __init__(self, folder: Optional[Path], cpu: str) -> None:
+        self.file = folder / CHOICES_FILE if folder is not None else None
+        self.cpu = cpu
+        self.changed = False
+        try:
+            self.known: dict[str, Any] = json.loads(self.file.read_text()) if self.file else {}
+        except (OSError, ValueError):
+            self.known = {}
+
+    def key(self, shape: Shape) -> str:
+        return f"{self.cpu} | {shape}"
+
+    def get(self, shape: Shape) -> Optional[str]:
+        mode = self.known.get(self.key(shape), {}).get("snippets")
+        return mode if mode in SNIPPETS else None
+
+    def put(self, shape: Shape, mode: str, ms: dict[str, float]) -> None:
+        self.known[self.key(shape)] = {"snippets": mode, "ms": ms}
+        self.changed = True
+
+    def save(self) -> None:
+        if not (self.changed and self.file):
+            return
+        try:
+            partial = self.file.with_name(f"{CHOICES_FILE}.partial-{os.getpid()}")
+            partial.write_text(json.dumps(self.known, indent=2, sort_keys=True) + "\n")
+            os.replace(partial, self.file)
+        except OSError as exc:  # a read-only cache: the next setup times them again
+            log.warning("openvino: could not record the snippets choices in %s (%s)", self.file, exc)
+
+
+def _compile(
+    core: ov.Core, sized: ov.Model, config: dict[str, str], shape: Shape, snippets: str, choices: _Choices
+) -> tuple[ov.InferRequest, str]:
+    """The shape's compiled model with attention fused or not (SNIPPETS), and what decided it."""
+
+    def compiled(mode: str) -> ov.InferRequest:
+        return core.compile_model(sized, "CPU", {**config, **SNIPPETS[mode]}).create_infer_request()
+
+    rng = np.random.default_rng(0)
+    inputs = [
+        np.full(dims, 999, dtype=np.int64)  # the timestep
+        if port.get_element_type().is_integral()
+        else rng.standard_normal(dims, dtype=np.float32)
+        for port, dims in zip(sized.inputs, shape, strict=True)
+    ]
+    if snippets != "auto":
+        mode, why = snippets, f"{snippets} ({SNIPPETS_ENV})"
+    elif choices.get(shape) is not None:
+        mode, why = choices.get(shape), f"{choices.get(shape)} (timed in an earlier setup)"
+    else:
+        ms: dict[str, float] = {}
+        for mode in SNIPPETS:  # one compiled model at a time: each holds its own copy of the weights
+            request = compiled(mode)
+            request.infer(inputs)  # the first pass also allocates and faults in its buffers: untimed
+            start = time.perf_counter()
+            request.infer(inputs)
+            ms[mode] = round((time.perf_counter() - start) * 1000, 1)
+            del request
+        mode = min(ms, key=ms.__getitem__)
+        choices.put(shape, mode, ms)
+        why = f"{mode}, timed: " + ", ".join(f"{m} {t:.0f} ms" for m, t in ms.items())
+    request = compiled(mode)
+    # In setup rather than in the first request: a first pass allocates and faults in its buffers
+    # (at 768 px it took 2.6 s longer than the next).
+    request.infer(inputs)
+    return request, why
 
 
 def _convert(part: _Part, module: torch.nn.Module, example: tuple[torch.Tensor, ...]) -> ov.Model:

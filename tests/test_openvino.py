@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 import shutil
 import sys
 from pathlib import Path
@@ -21,6 +22,7 @@ from lcm.engine import Engine
 from lcm.errors import LCMError
 
 openvino_runtime = pytest.importorskip("lcm.openvino_runtime")
+ov = pytest.importorskip("openvino")
 
 ENV = {"LCM_RUNTIME": "openvino", "LCM_COMPILE_SIZES": f"{SIZE}x{SIZE}"}
 
@@ -122,6 +124,35 @@ def test_bf16_is_about_as_far_from_fp32_as_torch_bf16(tiny_checkpoint, engine, o
         ov_bf16.close()
 
 
+def test_auto_times_fused_and_unfused_attention_and_records_the_faster(converted, ov_cache):
+    """LCM_OPENVINO_SNIPPETS unset ("auto"): each compiled shape is timed with attention fused into
+    OpenVINO's Snippets kernels and unfused, and the faster kept and recorded per CPU and shape."""
+    ov_engine, logged = converted
+    (shape,) = ov_engine.model.compiled[0].requests
+    assert re.search(
+        rf"{'x'.join(map(str, shape[0]))}: snippets (on|off), timed: on \d+ ms, off \d+ ms", logged
+    )
+    (folder,) = [p for p in ov_cache.iterdir() if p.name.startswith("unet-f32-")]
+    recorded = json.loads((folder / openvino_runtime.CHOICES_FILE).read_text())
+    choice = recorded[f"{ov.Core().get_property('CPU', 'FULL_DEVICE_NAME')} | {shape}"]
+    assert set(choice["ms"]) == {"on", "off"}
+    assert choice["snippets"] == min(choice["ms"], key=choice["ms"].get)
+    assert f"snippets {choice['snippets']}, timed" in logged
+
+
+def test_unfused_attention_equals_torch(tiny_checkpoint, engine, ov_cache, monkeypatch):
+    """LCM_OPENVINO_SNIPPETS=off: attention as separate MatMul and Softmax nodes, within 1/255 in fp32."""
+    monkeypatch.setenv("LCM_OPENVINO_SNIPPETS", "off")
+    unfused, logged = load(tiny_checkpoint, ov_cache)
+    try:
+        assert "snippets off (LCM_OPENVINO_SNIPPETS)" in logged and "snippets=off" in logged
+        for req in (request(), request(seed=9, num_inference_steps=4)):
+            ours = unfused.generate(req)
+            assert ours.eager == [] and max_diff(ours.pixels, engine.generate(req).pixels) <= 1
+    finally:
+        unfused.close()
+
+
 def test_a_second_setup_loads_the_converted_models_from_the_cache(
     converted, tiny_checkpoint, ov_cache, monkeypatch
 ):
@@ -131,6 +162,7 @@ def test_a_second_setup_loads_the_converted_models_from_the_cache(
     again, logged = load(tiny_checkpoint, ov_cache)
     try:
         assert logged.count("loaded from cache") == 1, logged
+        assert "(timed in an earlier setup)" in logged, logged
         assert max_diff(again.generate(request()).pixels, converted[0].generate(request()).pixels) == 0
     finally:
         again.close()
@@ -185,6 +217,16 @@ def test_trained_weights_turn_openvino_off_with_a_warning(tiny_checkpoint, lora_
             {"LCM_COMPILE_SIZES": "512x512"},
             "cpu",
             "LCM_COMPILE_SIZES needs LCM_COMPILE=1 or LCM_RUNTIME=openvino",
+        ),
+        (
+            {"LCM_RUNTIME": "openvino", "LCM_OPENVINO_SNIPPETS": "maybe"},
+            "cpu",
+            "LCM_OPENVINO_SNIPPETS='maybe' is not allowed: use auto, on, off",
+        ),
+        (
+            {"LCM_RUNTIME": "torch", "LCM_OPENVINO_SNIPPETS": "off"},
+            "cpu",
+            "LCM_OPENVINO_SNIPPETS needs LCM_RUNTIME=openvino",
         ),
     ],
 )
