@@ -4,7 +4,9 @@
 
 Routes: torch eager in fp32 and in bf16 (channels_last, as lcm/accel.py sets it on CPU), each also
 with its upsamplers folded (lcm/folding.py; the engine folds the decoder's only, so the UNet's
-folded rows are for information), torch.compile of the bf16 modules with inductor's freezing, and
+folded rows are for information), torch-bf16-classic (folded, and attention through
+lcm.attention's bounded classic processor: the engine's decoder on a bf16 CPU; the UNet's row for
+information again), torch.compile of the bf16 modules with inductor's freezing, and
 OpenVINO at f32 and bf16 inference precision (an optional package: its routes say "not installed"
 without it). Every route gets the same inputs, as
 the sampler and the decoder pass them, in one process; each route's model is loaded fresh and freed
@@ -37,7 +39,7 @@ from diffusers import AutoencoderKL, UNet2DConditionModel  # noqa: E402
 
 from bench import report  # noqa: E402
 from bench.memory import release  # noqa: E402
-from lcm import folding  # noqa: E402
+from lcm import attention, folding  # noqa: E402
 from lcm.params import SPECS  # noqa: E402
 from lcm.sampler import guidance_embedding  # noqa: E402
 
@@ -124,13 +126,16 @@ def _cast(inputs: tuple[torch.Tensor, ...], dtype: torch.dtype) -> tuple[torch.T
 
 
 def _eager(
-    dtype: torch.dtype, folded: bool = False
+    dtype: torch.dtype, folded: bool = False, classic: bool = False
 ) -> Callable[[torch.nn.Module, tuple[torch.Tensor, ...]], Prepared]:
     def prepare(module: torch.nn.Module, inputs: tuple[torch.Tensor, ...]) -> Prepared:
         module.to(dtype=dtype, memory_format=torch.channels_last)
         if folded:  # the UNet and the VAE's decoder are the modules with up blocks
             for part in [m for m in module.modules() if hasattr(m, "up_blocks")]:
                 folding.fold_upsamplers(part)
+        if classic:
+            for part in [m for m in module.modules() if hasattr(m, "set_attn_processor")]:
+                part.set_attn_processor(attention.BoundedClassicAttention())
         cast = _cast(inputs, dtype)
         return Prepared(lambda: module(*cast))
 
@@ -175,6 +180,7 @@ ROUTES: dict[str, Callable[[torch.nn.Module, tuple[torch.Tensor, ...]], Prepared
     "torch-fp32-folded": _eager(torch.float32, folded=True),
     BF16: _eager(torch.bfloat16),
     "torch-bf16-folded": _eager(torch.bfloat16, folded=True),
+    "torch-bf16-classic": _eager(torch.bfloat16, folded=True, classic=True),
     "compile-bf16": _compiled,
     "openvino-f32": _openvino("f32"),
     "openvino-bf16": _openvino("bf16"),

@@ -5,6 +5,8 @@
     LCM_FUSE_QKV=1        one fused query/key/value projection in attention (default: off)
     LCM_FOLD_UPSAMPLE=0|1 the VAE decoder's upsamplers as 2x2 convolutions of their input
                           (default: on for CPU; lcm/folding.py)
+    LCM_VAE_CLASSIC_ATTENTION=0|1  the VAE's attention through diffusers' classic processor up to
+                          768 px (default: on for a bf16 VAE on CPU without LCM_FUSE_QKV; lcm/attention.py)
     LCM_COMPILE=1         torch.compile the UNet and VAE decoder in setup (default: off; lcm/compiling.py)
     LCM_COMPILE_SIZES=... with LCM_COMPILE or LCM_RUNTIME=openvino, the request sizes compiled in
                           setup: WxH or WxHxN (N images), comma-separated, at most MAX_COMPILE_SIZES
@@ -36,7 +38,7 @@ from typing import Any, Optional
 
 import torch
 
-from lcm import allocator, folding
+from lcm import allocator, attention, folding
 from lcm.errors import InputError, LCMError
 from lcm.loading import DTYPES
 from lcm.params import DEFAULT_SIZE, MAX_IMAGES, Request
@@ -178,6 +180,7 @@ class Accel:
     channels_last: bool = True
     fuse_qkv: bool = False
     fold_upsample: bool = True
+    vae_classic_attention: bool = False
     compile: bool = False
     compile_sizes: tuple[tuple[int, int, int], ...] = ((DEFAULT_SIZE, DEFAULT_SIZE, 1),)  # (w, h, images)
     cuda_graphs: bool = False
@@ -209,19 +212,31 @@ class Accel:
             raise LCMError(
                 f"{COMPILE_SIZES_ENV} needs LCM_COMPILE=1 or {RUNTIME_ENV}=openvino; set one or unset it"
             )
+        fuse_qkv = _flag("LCM_FUSE_QKV", False)
+        vae = vae_dtype(device, dtype, vae_config)
+        # measured on CPU in bf16 only: in fp32 the two processors decode in the same time
+        classic = _flag(
+            "LCM_VAE_CLASSIC_ATTENTION", not cuda and (vae or dtype) == torch.bfloat16 and not fuse_qkv
+        )
+        if classic and fuse_qkv:
+            raise LCMError(
+                "LCM_VAE_CLASSIC_ATTENTION=1 cannot run with LCM_FUSE_QKV=1 (the classic processor does "
+                "not use fused projections): unset one of them"
+            )
         return cls(
             planned_step=_flag("LCM_PLANNED_STEP", True),
             # measured on CPU (bench/RESULTS.md), not yet on CUDA
             channels_last=_flag("LCM_CHANNELS_LAST", not cuda),
-            fuse_qkv=_flag("LCM_FUSE_QKV", False),
+            fuse_qkv=fuse_qkv,
             fold_upsample=_flag("LCM_FOLD_UPSAMPLE", not cuda),  # measured on CPU, not yet on CUDA
+            vae_classic_attention=classic,
             compile=compile_on,
             compile_sizes=compile_sizes(),
             cuda_graphs=cuda_graphs,
             runtime=runs,
             openvino_snippets=snippets,
             hold_memory=holds_memory(device),
-            vae_dtype=vae_dtype(device, dtype, vae_config),
+            vae_dtype=vae,
             decode_chunk=decode_chunk(device),
             batch_pixels=batch_pixels(device),
         )
@@ -235,6 +250,7 @@ class Accel:
                 "channels_last",
                 "fuse_qkv",
                 "fold_upsample",
+                "vae_classic_attention",
                 "compile",
                 "cuda_graphs",
                 "hold_memory",
@@ -289,5 +305,7 @@ def apply(pipe: Any, taesd: Any, accel: Accel) -> None:
         for module in (pipe.unet, pipe.vae, taesd):
             if module is not None:
                 module.to(memory_format=torch.channels_last)
+    if accel.vae_classic_attention:
+        pipe.vae.set_attn_processor(attention.BoundedClassicAttention())
     if accel.fold_upsample:  # last: folded from the weights in their final dtype and layout
         folding.fold_upsamplers(pipe.vae.decoder)
