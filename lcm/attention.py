@@ -7,7 +7,8 @@ against 43.3 ms for diffusers' AttnProcessor (baddbmm, softmax, bmm), at 9216 (7
 214; in fp32 the two decoders took the same time. The classic processor holds the scores whole
 (about 10 bytes per query and key pair, its softmax in fp32): at 768 px the decoder's peak memory
 did not move, its full-resolution activations being larger, while at 1024 px it rose by 1.4 GB; so
-above MAX_TOKENS a call goes to SDPA. Figures: bench/RESULTS.md, "VAE attention".
+above MAX_TOKENS a call goes to SDPA. The UNet keeps SDPA: the classic processor made its step
+slower (1975 -> 2481 ms at 512 px). Figures: bench/RESULTS.md, "VAE attention".
 """
 
 from __future__ import annotations
