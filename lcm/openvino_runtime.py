@@ -264,7 +264,7 @@ def _prepare(
 
 
 class _Choices:
-    """ "auto"'s choices, read from and written to CHOICES_FILE beside the saved model (when saved)."""
+    """The choices "auto" made, read from and written to CHOICES_FILE beside the saved model (when saved)."""
 
     def __init__(self, folder: Optional[Path], cpu: str) -> None:
         self.file = folder / CHOICES_FILE if folder is not None else None
@@ -314,20 +314,24 @@ def _compile(
     ]
     if snippets != "auto":
         mode, why = snippets, f"{snippets} ({SNIPPETS_ENV})"
-    elif choices.get(shape) is not None:
-        mode, why = choices.get(shape), f"{choices.get(shape)} (timed in an earlier setup)"
+    elif (known := choices.get(shape)) is not None:
+        mode, why = known, f"{known} (timed in an earlier setup)"
     else:
         ms: dict[str, float] = {}
-        for mode in SNIPPETS:  # one compiled model at a time: each holds its own copy of the weights
-            request = compiled(mode)
-            request.infer(inputs)  # the first pass also allocates and faults in its buffers: untimed
+        timed = None
+        for name in SNIPPETS:
+            timed = None  # one compiled model at a time: each holds its own copy of the weights
+            timed = compiled(name)
+            timed.infer(inputs)  # the first pass also allocates and faults in its buffers: untimed
             start = time.perf_counter()
-            request.infer(inputs)
-            ms[mode] = round((time.perf_counter() - start) * 1000, 1)
-            del request
+            timed.infer(inputs)
+            ms[name] = round((time.perf_counter() - start) * 1000, 1)
         mode = min(ms, key=ms.__getitem__)
         choices.put(shape, mode, ms)
         why = f"{mode}, timed: " + ", ".join(f"{m} {t:.0f} ms" for m, t in ms.items())
+        if mode == name:  # the last one timed: compiled and warm already
+            return timed, why
+        timed = None
     request = compiled(mode)
     # In setup rather than in the first request: a first pass allocates and faults in its buffers
     # (at 768 px it took 2.6 s longer than the next).
