@@ -20,6 +20,9 @@ OUT/RESULTS.md, to be copied into bench/RESULTS.md. Steps, in order of what they
   shipped-cache      setup cold (scripts/compile-cache, which also writes the cache) and with the
                      shipped cache in an empty local cache, LCM_COMPILE=1 LCM_CUDA_GRAPHS=1
   bench-compiled     python -m bench at 768 and at 512 batch 8 with LCM_COMPILE=1 LCM_CUDA_GRAPHS=1
+  bench-decoder      python -m bench at 768 with the VAE's CPU speedups switched on: folded
+                     upsamplers (LCM_FOLD_UPSAMPLE=1), then also the classic VAE attention
+                     (LCM_VAE_CLASSIC_ATTENTION=1), against the bench step's default run
 
 A step that would start with less than its expected time left is skipped, and says so.
 """
@@ -56,6 +59,7 @@ NEEDS = {
     "train": 90,
     "shipped-cache": 150,
     "bench-compiled": 150,
+    "bench-decoder": 60,
 }
 
 
@@ -238,9 +242,11 @@ def _bench(args: argparse.Namespace, env: dict[str, str], extra: list[str], size
     command = [sys.executable, "-m", "bench", "--device", args.device, "--weights", str(args.weights)]
     command += ["--record", str(args.out / "RESULTS.md"), *extra]
     full_env = {**os.environ, **env}
-    if env:
+    if sizes:
         full_env["LCM_COMPILE_SIZES"] = sizes
-    shown = " ".join(f"{k}={v}" for k, v in {**env, **({"LCM_COMPILE_SIZES": sizes} if env else {})}.items())
+    shown = " ".join(
+        f"{k}={v}" for k, v in {**env, **({"LCM_COMPILE_SIZES": sizes} if sizes else {})}.items()
+    )
     _say(f"$ {shown} {' '.join(command[1:])}".strip())
     done = subprocess.run(command, env=full_env, cwd=ROOT, capture_output=True, text=True)
     table = [line for line in done.stdout.splitlines() if line.startswith("|") or "speedup" in line]
@@ -266,6 +272,11 @@ def step_bench_compiled(args: argparse.Namespace) -> None:
     env = _compiled_env(args.device)
     _bench(args, env, ["--size", "768"], "768x768")
     _bench(args, env, ["--size", "512", "--batch", "8"], "512x512x8")
+
+
+def step_bench_decoder(args: argparse.Namespace) -> None:
+    _bench(args, {"LCM_FOLD_UPSAMPLE": "1"}, ["--size", "768"], "")
+    _bench(args, {"LCM_FOLD_UPSAMPLE": "1", "LCM_VAE_CLASSIC_ATTENTION": "1"}, ["--size", "768"], "")
 
 
 def step_shipped_cache(args: argparse.Namespace) -> None:
@@ -318,6 +329,7 @@ STEPS: dict[str, Callable[[argparse.Namespace], None]] = {
     "train": step_train,
     "shipped-cache": step_shipped_cache,
     "bench-compiled": step_bench_compiled,
+    "bench-decoder": step_bench_decoder,
 }
 
 
