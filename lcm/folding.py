@@ -69,7 +69,7 @@ class FoldedUpsample(torch.nn.Module):
         self.register_buffer("bias", conv.bias.detach().repeat(4), persistent=False)
 
     def forward(self, hidden_states: torch.Tensor, output_size: Any = None, *args: Any, **kwargs: Any) -> Any:
-        batch, channels, height, width = hidden_states.shape
+        batch, _, height, width = hidden_states.shape
         if args or kwargs or (output_size is not None and tuple(output_size) != (2 * height, 2 * width)):
             return self.upsample(hidden_states, output_size, *args, **kwargs)
         # Over the input padded by 1, phase (a, b)'s 2x2 windows start at row i + a, column j + b.

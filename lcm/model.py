@@ -46,7 +46,7 @@ class Model:
     controlnet: Optional[ControlNetModel] = None  # control_image's canny ControlNet, when they have one
     lora: Optional[lora.LoadedLora] = None  # trained weights on the UNet (load's `lora_path`)
     adapters: Adapters = field(default_factory=Adapters)  # requests' LoRAs (lora_weights)
-    # The UNet forward and VAE decoder wrappers, torch.compile's or OpenVINO's (with their protocol).
+    # torch.compile's UNet forward and VAE decoder wrappers, or OpenVINO's UNet one (the same protocol).
     compiled: list[compiling.CompiledForShapes] = field(default_factory=list)
 
     @property
