@@ -13,13 +13,16 @@ in fp32 (bench/RESULTS.md, "Folded upsamplers").
 
 Exact in real arithmetic: in float32 the decoder's output stays within 1.5e-5 of diffusers'. In
 bf16 the summed weights are rounded to bf16 once (they are summed in float32), a rounding of the
-same size as the weights' own. The UNet keeps diffusers' upsamplers: a request's LoRA may patch
-their convolutions, which folded kernels would not see.
+same size as the weights' own. The torch UNet keeps diffusers' upsamplers: a request's LoRA may
+patch their convolutions, which folded kernels would not see, under the module names it targets.
+OpenVINO's converted UNet, which no LoRA request reaches, is traced with them folded (`folded`,
+lcm.openvino_runtime).
 """
 
 from __future__ import annotations
 
-from typing import Any
+from contextlib import contextmanager
+from typing import Any, Iterator
 
 import torch
 import torch.nn.functional as F
@@ -91,17 +94,39 @@ def _channels_last(tensor: torch.Tensor) -> bool:
     return tensor.is_contiguous(memory_format=torch.channels_last) and not tensor.is_contiguous()
 
 
+def _slots(model: torch.nn.Module) -> list[tuple[torch.nn.ModuleList, int]]:
+    """Where the model's up blocks hold a foldable upsampler: (the block's upsamplers, index)."""
+    return [
+        (upsamplers, index)
+        for block in getattr(model, "up_blocks", ())
+        for upsamplers in [getattr(block, "upsamplers", None) or ()]
+        for index, upsampler in enumerate(upsamplers)
+        if foldable(upsampler)
+    ]
+
+
 def fold_upsamplers(decoder: torch.nn.Module) -> int:
     """Replace each foldable upsampler in the decoder's up blocks; returns how many were.
 
     Run it after the decoder's dtype and memory format are set: the folded kernels are computed
     from the weights as they are then, and follow a later `.to()` only as a cast.
     """
-    folded = 0
-    for block in getattr(decoder, "up_blocks", ()):
-        upsamplers = getattr(block, "upsamplers", None) or ()
-        for index, upsampler in enumerate(upsamplers):
-            if foldable(upsampler):
-                upsamplers[index] = FoldedUpsample(upsampler)
-                folded += 1
-    return folded
+    slots = _slots(decoder)
+    for upsamplers, index in slots:
+        upsamplers[index] = FoldedUpsample(upsamplers[index])
+    return len(slots)
+
+
+@contextmanager
+def folded(model: torch.nn.Module) -> Iterator[int]:
+    """The model's foldable upsamplers folded inside the block (it gives how many), diffusers' own
+    again after it: for a copy made meanwhile, such as a trace. The folded kernels live until the
+    block ends."""
+    originals = [(upsamplers, index, upsamplers[index]) for upsamplers, index in _slots(model)]
+    for upsamplers, index, upsampler in originals:
+        upsamplers[index] = FoldedUpsample(upsampler)
+    try:
+        yield len(originals)
+    finally:
+        for upsamplers, index, upsampler in originals:
+            upsamplers[index] = upsampler

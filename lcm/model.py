@@ -159,7 +159,7 @@ def load(
         from lcm import openvino_runtime  # an optional dependency (requirements-cpu.txt)
 
         model.compiled = openvino_runtime.run_modules(
-            pipe, resolved, settings.compile_sizes, settings.openvino_snippets
+            pipe, resolved, settings.compile_sizes, settings.openvino_snippets, settings.fold_upsample
         )
     log.info(
         "loaded %s on %s (%s: %s; %s) in %.1fs",

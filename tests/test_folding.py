@@ -99,3 +99,36 @@ def test_fold_upsamplers_replaces_each_up_blocks_upsampler(tiny_checkpoint):
     assert blocks and fold_upsamplers(vae.decoder) == len(blocks)
     assert all(isinstance(block.upsamplers[0], FoldedUpsample) for block in blocks)
     assert fold_upsamplers(vae.decoder) == 0  # already folded
+
+
+def test_folded_folds_the_unets_upsamplers_inside_the_block_only(tiny_checkpoint):
+    """What lcm.openvino_runtime traces: inside the block the UNet runs folded, to float32 rounding
+    of diffusers' output; after it, the same Upsample2D objects are back where they were."""
+    from diffusers import UNet2DConditionModel
+
+    from lcm.folding import folded
+
+    unet = UNet2DConditionModel.from_pretrained(tiny_checkpoint, subfolder="unet", use_safetensors=True)
+    unet.eval()
+    before = [(block, block.upsamplers[0]) for block in unet.up_blocks if block.upsamplers]
+    generator = torch.Generator().manual_seed(2)
+    sample = torch.randn(1, unet.config.in_channels, 16, 16, generator=generator)
+    emb = torch.randn(1, 77, unet.config.cross_attention_dim, generator=generator)
+    w = torch.randn(1, unet.config.time_cond_proj_dim, generator=generator)
+
+    def run() -> torch.Tensor:
+        return unet(sample, 999, encoder_hidden_states=emb, timestep_cond=w).sample
+
+    with torch.inference_mode():
+        expected = run()
+        with folded(unet) as count:
+            assert count == len(before) > 0
+            assert all(isinstance(block.upsamplers[0], FoldedUpsample) for block, _ in before)
+            calls = []
+            for block, original in before:
+                block.upsamplers[0].register_forward_hook(lambda *_: calls.append("folded"))
+                original.register_forward_hook(lambda *_: calls.append("diffusers"))
+            got = run()
+    assert calls == ["folded"] * count  # at 16x16 latents every upsampler doubles exactly
+    assert all(block.upsamplers[0] is original for block, original in before)
+    torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4)

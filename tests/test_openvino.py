@@ -14,10 +14,11 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 import torch
+from diffusers.models.upsampling import Upsample2D
 from test_compile import SIZE, max_diff, request  # the same requests as torch.compile's seam
 
 from cogserver import CogServer
-from lcm import accel, lora
+from lcm import accel, folding, lora
 from lcm.engine import Engine
 from lcm.errors import LCMError
 
@@ -32,8 +33,8 @@ def ov_cache(tmp_path_factory) -> Path:
     return tmp_path_factory.mktemp("openvino-cache")
 
 
-def load(path: Path, cache: Path, **kw) -> tuple[Engine, str]:
-    """An engine set up with LCM_RUNTIME=openvino, and what setup logged."""
+def load(path: Path, cache: Path, env: dict[str, str] | None = None, **kw) -> tuple[Engine, str]:
+    """An engine set up with LCM_RUNTIME=openvino (and `env`), and what setup logged."""
     records: list[str] = []
     handler = logging.Handler()
     handler.emit = lambda record: records.append(record.getMessage())
@@ -43,7 +44,7 @@ def load(path: Path, cache: Path, **kw) -> tuple[Engine, str]:
     logger.setLevel(logging.INFO)
     try:
         with pytest.MonkeyPatch.context() as mp:
-            for name, value in {**ENV, "LCM_OPENVINO_CACHE": str(cache)}.items():
+            for name, value in {**ENV, "LCM_OPENVINO_CACHE": str(cache), **(env or {})}.items():
                 mp.setenv(name, value)
             engine = Engine.load(path, device="cpu", **kw)
     finally:
@@ -77,6 +78,7 @@ def test_fp32_requests_equal_torch_and_the_log_says_what_ran_eagerly(converted, 
     assert [m.name for m in ov_engine.model.compiled] == ["unet"]
     assert "openvino vae" not in logged
     assert "openvino unet (f32): converted in" in logged and "runtime=openvino" in logged
+    assert "; upsamplers folded;" in logged
     cases = [
         ("the declared size", request(), []),
         ("image to image", request(image=blocks, num_inference_steps=2), []),
@@ -99,6 +101,49 @@ def test_fp32_requests_equal_torch_and_the_log_says_what_ran_eagerly(converted, 
     assert "graphs=eager(unet: not a size compiled in setup, see LCM_COMPILE_SIZES)" in caplog.text
     assert "graphs=eager(unet: FreeU runs it uncompiled)" in caplog.text
     assert "graphs=eager(unet: its passes with the ControlNet's residuals run eagerly)" in caplog.text
+
+
+def op_types(engine: Engine) -> set[str]:
+    """The layer types of the UNet's compiled OpenVINO model(s), as the CPU plugin runs them."""
+    return {
+        op.get_rt_info()["layerType"].astype(str)
+        for request in engine.model.compiled[0].requests.values()
+        for op in request.get_compiled_model().get_runtime_model().get_ordered_ops()
+    }
+
+
+def test_the_unet_is_converted_folded_where_the_sizes_allow_and_torchs_stays_diffusers(converted, engine):
+    """Folded, the converted UNet has no upsampling node left (the tiny UNet has one upsampler); the
+    torch UNet, which runs the requests OpenVINO does not (a LoRA's), keeps diffusers' own under the
+    names a LoRA targets."""
+    ov_engine, _ = converted
+    unet = ov_engine.model.pipe.unet
+    assert unet.num_upsamplers == 1 and "Interpolate" not in op_types(ov_engine)
+    assert not any(isinstance(m, folding.FoldedUpsample) for m in unet.modules())
+    assert [n for n, m in unet.named_modules() if isinstance(m, Upsample2D)] == ["up_blocks.0.upsamplers.0"]
+
+
+@pytest.mark.parametrize(
+    "env, why",
+    [
+        ({"LCM_FOLD_UPSAMPLE": "0"}, "upsamplers not folded (LCM_FOLD_UPSAMPLE=0)"),
+        (
+            {"LCM_COMPILE_SIZES": f"{SIZE + 8}x{SIZE}"},
+            "upsamplers not folded: latents 33x32 are not multiples of 2",
+        ),
+    ],
+)
+def test_unfolded_where_switched_off_or_a_size_does_not_double_and_equal_to_torch(
+    tiny_checkpoint, engine, tmp_path, env, why
+):
+    unfolded, logged = load(tiny_checkpoint, tmp_path, env)  # not ov_cache: a model of its own
+    try:
+        assert why in logged and "Interpolate" in op_types(unfolded)
+        req = request(width=SIZE + 8) if "LCM_COMPILE_SIZES" in env else request()
+        ours = unfolded.generate(req)
+        assert ours.eager == [] and max_diff(ours.pixels, engine.generate(req).pixels) <= 1
+    finally:
+        unfolded.close()
 
 
 def mean_diff(a: np.ndarray, b: np.ndarray) -> float:
@@ -174,10 +219,12 @@ def test_the_cache_key_follows_the_weights_files(tiny_checkpoint, tmp_path):
     file = weights / openvino_runtime.UNET.files[1]
 
     def key() -> str:
-        return openvino_runtime.cache_key(weights, openvino_runtime.UNET, torch.float32)
+        return openvino_runtime.cache_key(weights, openvino_runtime.UNET, torch.float32, 16, True)
 
     first = key()
     assert first.startswith("unet-f32-") and key() == first
+    unfolded = openvino_runtime.cache_key(weights, openvino_runtime.UNET, torch.float32, 9, False)
+    assert unfolded.startswith("unet-f32-") and unfolded != first
     file.write_bytes(file.read_bytes())  # the same bytes, rewritten: without a manifest, a new file
     rewritten = key()
     assert rewritten != first
