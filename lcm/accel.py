@@ -3,8 +3,8 @@
     LCM_PLANNED_STEP=0      diffusers' scheduler.step instead of the host-planned step (sampler.plan_steps)
     LCM_CHANNELS_LAST=0|1 the UNet and VAE in channels_last memory format (default: on for CPU)
     LCM_FUSE_QKV=1        one fused query/key/value projection in attention (default: off)
-    LCM_FOLD_UPSAMPLE=0|1 the VAE decoder's upsamplers as 2x2 convolutions of their input
-                          (default: on for CPU; lcm/folding.py)
+    LCM_FOLD_UPSAMPLE=0|1 the VAE decoder's upsamplers, and those of OpenVINO's converted UNet, as
+                          2x2 convolutions of their input (default: on for CPU; lcm/folding.py)
     LCM_VAE_CLASSIC_ATTENTION=0|1  the VAE's attention through diffusers' classic processor up to
                           768 px (default: on for a bf16 VAE on CPU without LCM_FUSE_QKV; lcm/attention.py)
     LCM_COMPILE=1         torch.compile the UNet and VAE decoder in setup (default: off; lcm/compiling.py)

@@ -11,11 +11,13 @@ torch.compile). On the full checkpoint (bf16, one image, best of 3) a UNet step 
 256 px and 1114 ms at 512 px with dynamic batch, height and width, against 231 and 1000 ms static:
 6% and 11% slower. Each compiled size holds its own copy of the weights in the CPU plugin's layout
 (about 1.9 GB for the bf16 UNet). The model is converted once and reshaped to each size at load.
+A dynamic model for the sizes not declared was measured and not built: at each new shape its
+first calls compile kernels (2-3.7 s), so a request at a new size gained nothing over torch.
 Where every declared size's latents are a multiple of 2 ** unet.num_upsamplers (8 for SD: any
 width and height that are multiples of 64 px), each upsampler doubles its input exactly, and the
 UNet is traced at such a size with its upsamplers folded as the decoder's are (LCM_FOLD_UPSAMPLE,
-lcm.folding): on the 2-core EPYC a bf16 step took 1086 ms against 1145 at 512 px and 3151 against
-3242 at 768 px (the three upsampler convolutions were 6% of a step's time at 512 px). Other sizes
+lcm.folding): on the 2-core EPYC a bf16 step took 1197 ms against 1241 at 512 px and 3496 against
+3589 at 768 px, medians of interleaved passes (bench/RESULTS.md, "OpenVINO's UNet folded"). Other sizes
 get the model traced at an odd latent size (TRACE_LATENT), so that diffusers' UNet takes its
 general upsampling path (each upsampler's output size read from its skip connection), unfolded:
 one saved model then serves every size. The torch UNet, which runs every request OpenVINO does
