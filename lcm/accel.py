@@ -109,9 +109,10 @@ def runtime(device: torch.device, dtype: torch.dtype, compile_on: bool) -> str:
 
     On a CPU running bf16, OpenVINO (CPU_RUNTIME) where the package is installed: 1.78x diffusers'
     bf16 pipeline end to end at 512 px against 1.11x for torch eager, holding less memory than the
-    fp32 torch engine (bench/RESULTS.md). Not in fp32, where it was 2.06x diffusers' fp32 pipeline
-    against torch's 1.42x at 256 px but held 13.9 GB against 6.5, nor with LCM_COMPILE=1 (one
-    runtime at a time), nor on CUDA.
+    fp32 torch engine (bench/RESULTS.md). Not in fp32, where it was 1.76x diffusers' fp32 pipeline
+    against torch's 1.30x at 512 px but held 13.6 GB after setup against 6.5 (3.6 GB of it the
+    compiled weights, 3.5 GB the saved model's file pages it keeps mapped), nor with LCM_COMPILE=1
+    (one runtime at a time), nor on CUDA.
     """
     name = os.environ.get(RUNTIME_ENV)
     if not name:
