@@ -1,10 +1,13 @@
-"""glibc's allocator, told to keep freed memory for reuse: what LCM_HOLD_MEMORY switches on (lcm.accel)."""
+"""The process's memory: glibc's allocator, told to keep freed memory for reuse (what LCM_HOLD_MEMORY
+switches on, lcm.accel) or to give setup's garbage back, and the resident pages of mapped files."""
 
 from __future__ import annotations
 
 import ctypes
 import functools
+import gc
 import platform
+from pathlib import Path
 from typing import Optional
 
 # glibc's mallopt parameters (malloc.h) and thresholds, in bytes
@@ -14,6 +17,7 @@ M_ARENA_MAX = -8
 HELD_MMAP_THRESHOLD = 2**30  # buffers under 1 GiB come from the heap, where freed ones are reused
 HELD_TRIM_THRESHOLD = 2**31 - 1  # mallopt's largest value: freed heap stays with the process
 GLIBC_MMAP_THRESHOLD_MAX = 32 * 2**20  # where glibc's own sliding threshold stops on 64-bit systems
+MADV_DONTNEED = 4  # madvise's advice (sys/mman.h): drop the range's pages from the process
 
 
 @functools.cache
@@ -54,3 +58,50 @@ def hold_freed_memory(on: bool) -> bool:
     if not on:
         libc.malloc_trim(0)
     return done
+
+
+def give_back() -> bool:
+    """Collect Python's garbage, and give every free page of glibc's heap back to the kernel now
+    (malloc_trim), held or not.
+
+    Setup frees gigabytes as it loads: the checkpoint's fp16 tensors cast to the engine's dtype,
+    weights copied to channels_last, the upsamplers folded, a runtime's compile buffers. Held
+    (LCM_HOLD_MEMORY), that garbage stayed resident: 1.7 GB of the 9.0 GB an fp32 setup of the full
+    checkpoint held (bench/RESULTS.md, "Setup's garbage"). A request's own buffers are held again
+    once it has run; the first request faults them in, about 0.5-1 s more at 512 px.
+    Returns False, changing nothing, where the C library is not glibc.
+    """
+    gc.collect()
+    libc = glibc()
+    if libc is None:
+        return False
+    libc.malloc_trim(0)
+    return True
+
+
+def drop_mapped(path: Path) -> int:
+    """Drop this process's resident pages of every read-only mapping of `path`; returns the bytes mapped.
+
+    For a file that is mapped but no longer read, as OpenVINO keeps a saved model's weights once its
+    CPU plugin has copied them into its own layout (lcm.openvino_runtime). A read-only mapping's
+    pages are the file's own, so a page touched again is read back from the page cache or the file:
+    nothing can be lost. Linux only: 0 where /proc/self/maps or glibc's madvise is missing.
+    """
+    libc = glibc()
+    try:
+        maps = Path("/proc/self/maps").read_text().splitlines()
+    except OSError:
+        return 0
+    if libc is None:
+        return 0
+    target = str(Path(path).resolve())
+    libc.madvise.argtypes = (ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int)
+    dropped = 0
+    for line in maps:
+        fields = line.split(maxsplit=5)
+        if len(fields) < 6 or fields[5] != target or "w" in fields[1]:
+            continue
+        low, high = (int(end, 16) for end in fields[0].split("-"))
+        if libc.madvise(low, high - low, MADV_DONTNEED) == 0:
+            dropped += high - low
+    return dropped

@@ -15,7 +15,7 @@ from typing import Any, Optional
 import torch
 from diffusers import AutoencoderTiny, ControlNetModel, LCMScheduler
 
-from lcm import accel, compiling, lora
+from lcm import accel, allocator, compiling, lora
 from lcm.errors import InputError, LCMError
 from lcm.loading import (
     CONTROLNET_DIR,
@@ -152,6 +152,7 @@ def load(
     # compile records its guards as after any FreeU request turned them off again.
     pipe.unet.disable_freeu()
     accel.apply(pipe, taesd, settings)
+    allocator.give_back()  # what loading freed, before a runtime converts or compiles
     if settings.compile:
         log.info("compile cache: %s", compiling.load_cache(resolved, dev))
         model.compiled = compiling.compile_modules(pipe, settings.cuda_graphs, dev)
@@ -161,6 +162,7 @@ def load(
         model.compiled = openvino_runtime.run_modules(
             pipe, resolved, settings.compile_sizes, settings.openvino_snippets, settings.fold_upsample
         )
+        allocator.give_back()  # what compiling freed
     log.info(
         "loaded %s on %s (%s: %s; %s) in %.1fs",
         resolved,

@@ -47,6 +47,12 @@ OpenVINO's and diffusers' versions and the shapes mode. OpenVINO's own CACHE_DIR
 blobs is not used: on the full checkpoint at 256 px (bf16) it raised setup's peak resident memory
 from 8.56 GB to 10.09 GB, above the fp32 torch engine's 8.64 GB, to save about 5 s of a setup
 that loads from the cache (bench/RESULTS.md, "OpenVINO as the CPU default").
+Memory: a model loaded from the cache needs none of the torch UNet's weights, so only a conversion
+copies them contiguous and folds them (1.7 GB in bf16). The plugin compiles its own copy of the
+weights and keeps the saved model.bin mapped, reading back only the constants it uses in place (8.7
+of 1,770 MB for the full bf16 UNet): setup drops the file's resident pages once compiled
+(lcm.allocator.drop_mapped). With both, setup's peak on the full checkpoint at 512 px fell from 9.3
+to 7.7 GB, and what it holds after setup from 8.8 to 5.9 GB (bench/RESULTS.md, "Setup's garbage").
 """
 
 from __future__ import annotations
@@ -58,7 +64,7 @@ import logging
 import os
 import shutil
 import time
-from contextlib import contextmanager, nullcontext
+from contextlib import ExitStack, contextmanager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterator, Optional
@@ -69,7 +75,7 @@ import openvino as ov
 import torch
 from diffusers.models.unets.unet_2d_condition import UNet2DConditionOutput
 
-from lcm import folding
+from lcm import allocator, folding
 from lcm.accel import SNIPPETS_ENV
 from lcm.errors import LCMError
 from lcm.weights import WEIGHT_FILES, file_identity
@@ -79,7 +85,8 @@ log = logging.getLogger("lcm")
 OPENVINO_CACHE_ENV = "LCM_OPENVINO_CACHE"
 DEFAULT_CACHE = Path(__file__).resolve().parent.parent / ".cache" / "openvino"
 CACHE_DIR = "openvino"  # in the weights directory
-MODEL_FILE = "model.xml"  # and model.bin, in each key's directory
+MODEL_FILE = "model.xml"  # in each key's directory, with WEIGHTS_FILE
+WEIGHTS_FILE = "model.bin"  # the name openvino.save_model gives the weights beside MODEL_FILE
 SHAPES = "static"  # the shapes mode, in the key: converted generally, reshaped to each size at load
 TRACE_LATENT = 9  # odd, so the traced UNet takes diffusers' general upsampling path (the docstring)
 FOLDED_TRACE = 2  # a folded UNet's trace latents, in multiples of 2 ** unet.num_upsamplers
@@ -255,17 +262,21 @@ def _prepare(
         "PERFORMANCE_HINT": "LATENCY",
     }
     requests = {}
-    # Until compiled: a converted model reads the weights, the folded kernels too, where they are.
-    with _contiguous(module), folding.folded(module) if fold else nullcontext():
+    with ExitStack() as converting:
         if found is not None:
             how = f"loaded from cache {found}"
         else:
+            # A converted model reads the weights, the folded kernels too, where they are: until
+            # it is compiled, or replaced by the saved one.
+            converting.enter_context(_contiguous(module))
+            converting.enter_context(folding.folded(module) if fold else nullcontext())
             model = _convert(part, module, example)
             how = f"converted in {time.perf_counter() - start:.1f}s"
             found = _save(model, weights_dir, key)
             how += f", saved to {found}" if found else ", not saved"
         if found is not None:  # the saved model's weights are mapped from its file, not copied
             model = core.read_model(found / MODEL_FILE)
+            converting.close()  # the module's contiguous copies and folded kernels go (1.7 GB in bf16)
         converted = time.perf_counter()
         choices = _Choices(found, core.get_property("CPU", "FULL_DEVICE_NAME"))
         chosen = []
@@ -275,6 +286,9 @@ def _prepare(
             requests[shape], why = _compile(core, sized, config, shape, snippets, choices)
             chosen.append(f"{'x'.join(map(str, shape[0]))}: snippets {why}")
         choices.save()
+    if found is not None:  # compiled: the plugin holds its own copy (the docstring's Memory)
+        dropped = allocator.drop_mapped(found / WEIGHTS_FILE)
+        how += f", {WEIGHTS_FILE}'s {dropped / 1e9:.2f} GB mapping dropped from memory" if dropped else ""
     log.info(
         "openvino %s (%s): %s; %s; compiled %d shape(s) in %.1fs (%s)",
         part.name,

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import json
+import mmap
 import os
 import resource
 from collections import Counter
+from pathlib import Path
 from types import SimpleNamespace
 
 import numpy as np
@@ -380,29 +382,86 @@ def _faults_of_a_fresh_buffer(nbytes: int) -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before
 
 
+def _fewest_faults(nbytes: int) -> int:
+    """After a few buffers settle the heap's layout, the fewest faults one more buffer takes.
+
+    Settling takes up to 7 buffers after earlier tests left small allocations in the heap.
+    """
+    for _ in range(10):
+        _faults_of_a_fresh_buffer(nbytes)
+    return min(_faults_of_a_fresh_buffer(nbytes) for _ in range(3))
+
+
+HELD_BUFFER = 64 * 2**20  # above glibc's 32 MiB ceiling for heap buffers
+
+
 @pytest.mark.skipif(allocator.glibc() is None, reason="mallopt is glibc's: Linux with glibc only")
 def test_held_memory_is_reused_without_page_faults():
-    nbytes = 64 * 2**20  # above glibc's 32 MiB ceiling for heap buffers
-    pages = nbytes // resource.getpagesize()
-
-    def fewest_faults() -> int:
-        """After a few buffers settle the heap's layout, the fewest faults one more buffer takes.
-
-        Settling takes up to 7 buffers after earlier tests left small allocations in the heap.
-        """
-        for _ in range(10):
-            _faults_of_a_fresh_buffer(nbytes)
-        return min(_faults_of_a_fresh_buffer(nbytes) for _ in range(3))
-
+    pages = HELD_BUFFER // resource.getpagesize()
     try:
         assert allocator.hold_freed_memory(False)
-        mapped_afresh = fewest_faults()
+        mapped_afresh = _fewest_faults(HELD_BUFFER)
         assert allocator.hold_freed_memory(True)
-        held = fewest_faults()
+        held = _fewest_faults(HELD_BUFFER)
     finally:
         allocator.hold_freed_memory(False)
     assert held < pages // 20, (held, pages)
     assert mapped_afresh > 10 * held, (mapped_afresh, held)
+
+
+@pytest.mark.skipif(allocator.glibc() is None, reason="malloc_trim is glibc's: Linux with glibc only")
+def test_give_back_returns_held_memory_to_the_kernel():
+    """What setup frees is given back even while memory is held: the next buffer faults in afresh."""
+    pages = HELD_BUFFER // resource.getpagesize()
+    try:
+        assert allocator.hold_freed_memory(True)
+        held = _fewest_faults(HELD_BUFFER)
+        assert allocator.give_back()
+        given_back = _faults_of_a_fresh_buffer(HELD_BUFFER)
+        held_again = _fewest_faults(HELD_BUFFER)
+    finally:
+        allocator.hold_freed_memory(False)
+    assert held < pages // 20 and held_again < pages // 20, (held, held_again, pages)
+    assert given_back > pages // 2, (given_back, pages)
+
+
+def resident_bytes(path: Path) -> int:
+    """This process's resident bytes of every mapping of `path` (their Rss in /proc/self/smaps)."""
+    target, inside, total = str(path.resolve()), False, 0
+    for line in Path("/proc/self/smaps").read_text().splitlines():
+        fields = line.split(maxsplit=5)
+        if "-" in fields[0] and not fields[0].endswith(":"):  # a mapping's header line
+            inside = len(fields) == 6 and fields[5] == target
+        elif inside and fields[0] == "Rss:":
+            total += int(fields[1]) * 1024
+    return total
+
+
+@pytest.mark.skipif(
+    allocator.glibc() is None or not Path("/proc/self/smaps").exists(), reason="Linux with glibc only"
+)
+def test_drop_mapped_drops_a_read_only_mapping_from_memory_and_its_pages_read_back_the_same(tmp_path):
+    size = 8 * 2**20
+    data = np.random.default_rng(0).integers(0, 256, size, dtype=np.uint8).tobytes()
+    read_only, writable = tmp_path / "weights.bin", tmp_path / "scratch.bin"
+    read_only.write_bytes(data)
+    writable.write_bytes(data)
+    with read_only.open("rb") as a, writable.open("r+b") as b:
+        mapped = mmap.mmap(a.fileno(), 0, access=mmap.ACCESS_READ)
+        written = mmap.mmap(b.fileno(), 0, access=mmap.ACCESS_WRITE)
+    try:
+        written[:4] = b"edit"
+        assert mapped[:] == data and written[4:] == data[4:]  # every page resident
+        assert resident_bytes(read_only) >= size - 2**20
+        assert allocator.drop_mapped(read_only) == size
+        assert resident_bytes(read_only) < 2**20
+        assert allocator.drop_mapped(writable) == 0  # a writable mapping's pages may be its own
+        assert resident_bytes(writable) >= size - 2**20
+        assert mapped[:] == data and written[:] == b"edit" + data[4:]
+        assert allocator.drop_mapped(tmp_path / "not-mapped.bin") == 0
+    finally:
+        mapped.close()
+        written.close()
 
 
 ENGINE_THREAD_FAULTS = """

@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 import torch
 from diffusers.models.upsampling import Upsample2D
+from test_accel import resident_bytes
 from test_compile import SIZE, max_diff, request  # the same requests as torch.compile's seam
 
 from cogserver import CogServer
@@ -204,10 +205,18 @@ def test_a_second_setup_loads_the_converted_models_from_the_cache(
     converted_parts = {p.name.split("-", 1)[0] for p in ov_cache.iterdir()}
     assert converted_parts == {"unet"} and any(p.name.startswith("unet-f32-") for p in ov_cache.iterdir())
     monkeypatch.setattr(openvino_runtime, "_convert", lambda *a: pytest.fail("converted again"))
+    # The saved model has the weights: the torch UNet's are neither copied nor folded for it.
+    monkeypatch.setattr(openvino_runtime, "_contiguous", lambda m: pytest.fail("weights copied"))
+    monkeypatch.setattr(folding, "folded", lambda m: pytest.fail("weights folded"))
     again, logged = load(tiny_checkpoint, ov_cache)
     try:
         assert logged.count("loaded from cache") == 1, logged
         assert "(timed in an earlier setup)" in logged, logged
+        # Compiled, the plugin holds its own copy: setup drops the saved weights' mapped pages, and
+        # what a request reads of them (the constants the plugin uses in place) is read back.
+        assert "mapping dropped from memory" in logged, logged
+        loaded = re.search(r"loaded from cache (\S+?),", logged)[1]
+        assert resident_bytes(Path(loaded) / openvino_runtime.WEIGHTS_FILE) == 0
         assert max_diff(again.generate(request()).pixels, converted[0].generate(request()).pixels) == 0
     finally:
         again.close()
