@@ -430,7 +430,7 @@ def benchmark(settings: Settings) -> tuple[Result, Result]:
     recorder, watch = Recorder(device), MemoryWatch(device)
     methods: list[Method] = [Ours(settings, recorder), Reference(settings, recorder)]
     loaded: list[Method] = []
-    setups: list[tuple[float, Usage]] = []
+    setups: list[tuple[float, Usage, Optional[int]]] = []
     try:
         for method in methods:
             _say(f"loading {method.name}")
@@ -439,8 +439,9 @@ def benchmark(settings: Settings) -> tuple[Result, Result]:
             start = time.perf_counter()
             method.setup()
             seconds = time.perf_counter() - start
+            served = watch.stop()  # what a server holds once set up, its allocator's freed pages too
             release(device)  # what the load holds, not garbage or freed pages the allocator kept
-            setups.append((seconds, watch.stop()))
+            setups.append((seconds, watch.stop(), served.host_held))
             loaded.append(method)
         _say(f"{settings.warmup} warm-up and {settings.runs} timed rounds of {len(methods)} runs")
         rounds(methods, settings.warmup, recorder, watch, profile=False)
@@ -454,7 +455,7 @@ def benchmark(settings: Settings) -> tuple[Result, Result]:
             method.close()
         release(device)
     ours, reference = (
-        Result(m.name, m.safety_checker, m.dtype, m.speed, setup[0], setup[1], t, p)
+        Result(m.name, m.safety_checker, m.dtype, m.speed, setup[0], setup[1], setup[2], t, p)
         for m, setup, t, p in zip(methods, setups, timed, profiled, strict=True)
     )
     return ours, reference

@@ -26,6 +26,15 @@ def test_bench_runs_and_ends_with_the_speedup_line(tiny_checkpoint, tmp_path):
     # Same weights, seeds and decoder in both methods, fp32 on CPU: the images agree within 1/255.
     difference = re.search(r"max pixel difference, ours vs reference\W+(\d+)/255", out)
     assert difference is not None and int(difference.group(1)) <= 1, out
+    # Giving freed memory back can only lower what a load holds: as served is at least that.
+    held, served = (
+        [float(cell) for cell in re.search(rf"\| {re.escape(row)} \| ([\d.]+) \| ([\d.]+) \|", out).groups()]
+        for row in (
+            "host RSS GiB held after setup",
+            "host RSS GiB held after setup as served (before that trim)",
+        )
+    )
+    assert all(s >= h - 0.01 for h, s in zip(held, served, strict=True)), (held, served)
     recorded = results.read_text()
     assert "python -m bench" in recorded and last in recorded
 
