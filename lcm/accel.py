@@ -110,9 +110,9 @@ def runtime(device: torch.device, dtype: torch.dtype, compile_on: bool) -> str:
     On a CPU running bf16, OpenVINO (CPU_RUNTIME) where the package is installed: 1.78x diffusers'
     bf16 pipeline end to end at 512 px against 1.11x for torch eager, holding less memory than the
     fp32 torch engine (bench/RESULTS.md). Not in fp32, where it was 1.76x diffusers' fp32 pipeline
-    against torch's 1.30x at 512 px but held 13.6 GB after setup against 6.5 (3.6 GB of it the
-    compiled weights, 3.5 GB the saved model's file pages it keeps mapped), nor with LCM_COMPILE=1
-    (one runtime at a time), nor on CUDA.
+    against torch's 1.30x at 512 px but held 11.0 GB after setup against 7.25 (3.6 GB of the
+    difference the compiled f32 weights; bench/RESULTS.md, "Setup's garbage"), nor with
+    LCM_COMPILE=1 (one runtime at a time), nor on CUDA.
     """
     name = os.environ.get(RUNTIME_ENV)
     if not name:

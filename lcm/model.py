@@ -152,7 +152,7 @@ def load(
     # compile records its guards as after any FreeU request turned them off again.
     pipe.unet.disable_freeu()
     accel.apply(pipe, taesd, settings)
-    allocator.give_back()  # what loading freed, before a runtime converts or compiles
+    allocator.give_back()  # what loading freed, before a runtime converts or compiles (its docstring)
     if settings.compile:
         log.info("compile cache: %s", compiling.load_cache(resolved, dev))
         model.compiled = compiling.compile_modules(pipe, settings.cuda_graphs, dev)
@@ -162,7 +162,6 @@ def load(
         model.compiled = openvino_runtime.run_modules(
             pipe, resolved, settings.compile_sizes, settings.openvino_snippets, settings.fold_upsample
         )
-        allocator.give_back()  # what compiling freed
     log.info(
         "loaded %s on %s (%s: %s; %s) in %.1fs",
         resolved,

@@ -51,8 +51,9 @@ Memory: a model loaded from the cache needs none of the torch UNet's weights, so
 copies them contiguous and folds them (1.7 GB in bf16). The plugin compiles its own copy of the
 weights and keeps the saved model.bin mapped, reading back only the constants it uses in place (8.7
 of 1,770 MB for the full bf16 UNet): setup drops the file's resident pages once compiled
-(lcm.allocator.drop_mapped). With both, setup's peak on the full checkpoint at 512 px fell from 9.3
-to 7.7 GB, and what it holds after setup from 8.8 to 5.9 GB (bench/RESULTS.md, "Setup's garbage").
+(lcm.allocator.drop_mapped). With both, on the full checkpoint at 512 px, what the process held
+after setup fell from 8.8 to 5.9 GB (6.8 after requests), and its peak through setup and four
+requests from 8.9 to 7.7 GB (bench/RESULTS.md, "Setup's garbage").
 """
 
 from __future__ import annotations
