@@ -430,7 +430,7 @@ def benchmark(settings: Settings) -> tuple[Result, Result]:
     recorder, watch = Recorder(device), MemoryWatch(device)
     methods: list[Method] = [Ours(settings, recorder), Reference(settings, recorder)]
     loaded: list[Method] = []
-    setups: list[tuple[float, Usage, Optional[int]]] = []
+    setups: list[tuple[float, Usage, Usage]] = []
     try:
         for method in methods:
             _say(f"loading {method.name}")
@@ -441,7 +441,7 @@ def benchmark(settings: Settings) -> tuple[Result, Result]:
             seconds = time.perf_counter() - start
             served = watch.stop()  # what a server holds once set up, its allocator's freed pages too
             release(device)  # what the load holds, not garbage or freed pages the allocator kept
-            setups.append((seconds, watch.stop(), served.host_held))
+            setups.append((seconds, watch.stop(), served))
             loaded.append(method)
         _say(f"{settings.warmup} warm-up and {settings.runs} timed rounds of {len(methods)} runs")
         rounds(methods, settings.warmup, recorder, watch, profile=False)

@@ -6,7 +6,6 @@ the GPU's from the caching allocator's peak statistics.
 
 from __future__ import annotations
 
-import gc
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
@@ -45,13 +44,10 @@ def release(device: torch.device) -> None:
     glibc keeps freed heap pages unless asked (malloc_trim), all the more when ours holds them
     (LCM_HOLD_MEMORY).
     """
-    gc.collect()
+    allocator.give_back()
     if device.type == "cuda":
         torch.cuda.synchronize(device)
         torch.cuda.empty_cache()
-    libc = allocator.glibc()
-    if libc is not None:
-        libc.malloc_trim(0)
 
 
 @dataclass(frozen=True)

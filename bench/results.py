@@ -69,7 +69,7 @@ class Result:
     speed: str
     setup_seconds: float
     setup_usage: Usage
-    setup_served_host: Optional[int]  # host bytes held after setup before release(): as served
+    setup_served: Usage  # setup's span before release(): what a server holds once set up
     timed: list[Run]
     profiled: list[Run]
 

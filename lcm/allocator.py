@@ -90,11 +90,11 @@ def drop_mapped(path: Path) -> int:
     nothing can be lost. Linux only: 0 where /proc/self/maps or glibc's madvise is missing.
     """
     libc = glibc()
+    if libc is None:
+        return 0
     try:
         maps = Path("/proc/self/maps").read_text().splitlines()
     except OSError:
-        return 0
-    if libc is None:
         return 0
     target = str(Path(path).resolve())
     libc.madvise.argtypes = (ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int)

@@ -65,7 +65,7 @@ import logging
 import os
 import shutil
 import time
-from contextlib import ExitStack, contextmanager, nullcontext
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterator, Optional
@@ -270,7 +270,8 @@ def _prepare(
             # A converted model reads the weights, the folded kernels too, where they are: until
             # it is compiled, or replaced by the saved one.
             converting.enter_context(_contiguous(module))
-            converting.enter_context(folding.folded(module) if fold else nullcontext())
+            if fold:
+                converting.enter_context(folding.folded(module))
             model = _convert(part, module, example)
             how = f"converted in {time.perf_counter() - start:.1f}s"
             found = _save(model, weights_dir, key)
